@@ -1,0 +1,198 @@
+"""verify.py on real math-verify: extraction, equivalence, rewards, the batch verifier, the CLI.
+
+Every expected verdict below was checked by hand; the comments say where math-verify's own
+rules decide (percent, units, e^{i pi}).
+"""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+import verify
+
+EQUIVALENCE = [
+    # fractions
+    ("\\boxed{\\frac{1}{2}}", "1/2", True),
+    ("\\boxed{0.5}", "1/2", True),
+    ("\\boxed{1/2}", "\\frac{1}{2}", True),
+    ("\\boxed{\\dfrac{1}{2}}", "0.5", True),
+    ("\\boxed{2/4}", "1/2", True),
+    ("\\boxed{1/3}", "1/2", False),
+    ("\\boxed{0.333}", "1/3", False),  # a rounded decimal is not the fraction
+    # decimals
+    ("\\boxed{3.50}", "3.5", True),
+    ("\\boxed{3.5}", "7/2", True),
+    ("\\boxed{3.51}", "3.5", False),
+    ("\\boxed{1.5e3}", "1500", False),  # scientific e-notation is not LaTeX: not parsed as 1500
+    # percents: math-verify treats 50\% as 50 and also accepts 0.5 for it
+    ("\\boxed{50\\%}", "50\\%", True),
+    ("\\boxed{50\\%}", "50", True),
+    ("\\boxed{50}", "50\\%", True),
+    ("\\boxed{0.5}", "50\\%", True),
+    # tuples, sets, intervals
+    ("\\boxed{(1,2)}", "(1,2)", True),
+    ("\\boxed{(2,1)}", "(1,2)", False),  # order matters in a tuple
+    ("\\boxed{\\{1,2\\}}", "\\{2,1\\}", True),  # not in a set
+    ("\\boxed{1, 2}", "1,2", True),
+    ("\\boxed{[0,1)}", "[0,1)", True),
+    ("\\boxed{[0,1]}", "[0,1)", False),  # closed vs half-open
+    ("\\boxed{(0, \\infty)}", "(0,\\infty)", True),
+    ("\\boxed{\\infty}", "\\infty", True),
+    # LaTeX forms of the same number
+    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{\\sqrt2}{2}", True),
+    ("\\boxed{\\sqrt{2}/2}", "\\frac{\\sqrt2}{2}", True),
+    ("\\boxed{1/\\sqrt{2}}", "\\frac{\\sqrt2}{2}", True),
+    ("\\boxed{\\frac{1}{\\sqrt{2}}}", "\\frac{\\sqrt{2}}{2}", True),  # nested braces in the box
+    ("\\boxed{2^{10}}", "1024", True),
+    ("\\boxed{2\\pi}", "2\\pi", True),
+    ("\\boxed{6.283}", "2\\pi", False),
+    ("\\boxed{x^2+2x+1}", "(x+1)^2", True),
+    ("\\boxed{e^{i\\pi}}", "-1", False),  # math-verify does not evaluate complex exponentials
+    ("\\boxed{x = 5}", "5", True),  # the right-hand side of an equation is the answer
+    # thousands separators
+    ("\\boxed{1,000}", "1000", True),
+    ("\\boxed{1000}", "1,000", True),
+    ("\\boxed{1{,}000}", "1000", True),
+    ("\\boxed{10,000,000}", "10000000", True),
+    # units and currency
+    ("\\boxed{5 \\text{ cm}}", "5", True),
+    ("\\boxed{5\\text{cm}}", "5", True),
+    ("\\boxed{\\$5}", "5", True),
+    ("\\boxed{90^\\circ}", "90", True),
+    ("\\boxed{5 dollars}", "5", False),  # bare words are not stripped
+    # signs and plain integers
+    ("\\boxed{-3}", "-3", True),
+    ("\\boxed{3}", "-3", False),
+    ("\\boxed{-0.75}", "-\\frac{3}{4}", True),
+    ("\\boxed{12}", "21", False),
+    # multiple choice
+    ("\\boxed{\\text{(B)}}", "B", True),
+    ("\\boxed{B}", "B", True),
+    # which answer counts: the last box; <answer> tags when there is no box
+    ("\\boxed{1} then \\boxed{2}", "2", True),
+    ("\\boxed{1} then \\boxed{2}", "1", False),
+    ("<answer> 42 </answer>", "42", True),
+    ("<answer>\\boxed{7}</answer>", "7", True),
+    ("think <answer>1</answer> more <answer>3</answer>", "3", True),
+    # malformed: no answer, an empty box, an unterminated box, nothing at all
+    ("the answer is 12", "12", False),
+    ("\\boxed{}", "12", False),
+    ("\\boxed{12", "12", False),
+    ("", "12", False),
+    ("}}}{{{\\boxed{", "1", False),
+    # adversarial but quick: a huge integer, garbage inside the box
+    ("\\boxed{" + "9" * 5000 + "}", "9", False),
+    ("\\boxed{\\frac{\\frac{\\frac{}{}}{}}}", "1", False),
+]
+
+
+@pytest.mark.parametrize("response,gold,expected", EQUIVALENCE)
+def test_equivalence(response, gold, expected):
+    assert verify.is_correct(response, gold) is expected
+
+
+def test_equivalence_case_count():
+    assert len(EQUIVALENCE) >= 40
+
+
+@pytest.mark.parametrize("text,answer", [
+    ("\\boxed{42}", "42"),
+    ("a \\boxed{1} b \\boxed{\\frac{a}{b}} c", "\\frac{a}{b}"),
+    ("\\boxed {7}", "7"),
+    ("\\fbox{8}", "8"),
+    ("\\boxed{$3$}", "3"),
+    ("\\boxed{1} and \\boxed{2", "1"),  # an unterminated last box: the last complete one
+    ("<answer> 12 </answer>", "12"),
+    ("<answer>x</answer> then \\boxed{y}", "y"),  # a box beats tags
+    ("nothing", None),
+    ("\\boxed{ }", None),
+    ("", None),
+])
+def test_extract_answer(text, answer):
+    assert verify.extract_answer(text) == answer
+
+
+def test_extract_answer_never_raises_on_non_strings():
+    assert verify.extract_answer(None) is None
+    assert verify.is_correct(None, "1") is False
+    assert verify.is_correct(12345, "1") is False
+
+
+def test_answer_span_points_into_the_text():
+    t = "So 3 + 4 = \\boxed{7}. Done."
+    s, e = verify.answer_span(t)
+    assert t[s:e] == "7" and t[:s].endswith("\\boxed{") and t[e] == "}"
+    t = "<answer> 9 </answer>"
+    s, e = verify.answer_span(t)
+    assert t[s:e] == " 9 "
+    assert verify.answer_span("no answer") is None
+
+
+def test_format_ok_and_repetition():
+    assert verify.format_ok("reasoning <answer> 4 </answer>")
+    assert not verify.format_ok("<answer> 4 </answer> <answer> 5 </answer>")
+    assert not verify.format_ok("</answer> 4 <answer>")
+    assert not verify.format_ok("\\boxed{4}")
+    # ten words repeated ten times is repetitive; nine times is not
+    ten = " ".join(f"w{i}" for i in range(10))
+    assert verify.is_repetitive(" ".join([ten] * 10))
+    assert not verify.is_repetitive(" ".join([ten] * 9))
+    assert verify.is_repetitive("_".join([ten.replace(" ", "_")] * 10))  # "_" splits words too
+
+
+def test_reward_table():
+    rep = " ".join([" ".join(f"w{i}" for i in range(10))] * 10)
+    assert verify.reward("<answer> 4 </answer>", "4", 0.1) == pytest.approx(1.0)
+    assert verify.reward("\\boxed{4}", "4", 0.1) == pytest.approx(0.9)
+    assert verify.reward("<answer> 5 </answer>", "4", 0.1) == pytest.approx(0.1)
+    assert verify.reward("\\boxed{5}", "4", 0.1) == 0.0
+    assert verify.reward("\\boxed{4}", "4") == 1.0 and verify.reward("\\boxed{5}", "4") == 0.0
+    # repetition: -1 on non-zero rewards only
+    assert verify.reward(rep + " <answer> 4 </answer>", "4", 0.1, True) == pytest.approx(0.0)
+    assert verify.reward(rep + " <answer> 5 </answer>", "4", 0.1, True) == pytest.approx(-0.9)
+    assert verify.reward(rep + " \\boxed{5}", "4", 0.1, True) == 0.0
+    assert verify.reward(rep + " \\boxed{4}", "4", 0.1, False) == pytest.approx(0.9)
+
+
+def test_verify_batch_matches_is_correct_in_order():
+    responses = [r for r, _, _ in EQUIVALENCE[:20]]
+    golds = [g for _, g, _ in EQUIVALENCE[:20]]
+    want = [e for _, _, e in EQUIVALENCE[:20]]
+    assert verify.verify_batch(responses, golds, workers=2) == want
+    assert verify.verify_batch(responses, golds, workers=0) == want
+    with pytest.raises(ValueError):
+        verify.verify_batch(["a"], ["1", "2"])
+
+
+def test_reward_batch_returns_rewards_and_correct():
+    rewards, correct = verify.reward_batch(["<answer>4</answer>", "\\boxed{4}", "\\boxed{3}"],
+                                           ["4", "4", "4"], format_weight=0.1, workers=2)
+    assert rewards == pytest.approx([1.0, 0.9, 0.0]) and correct == [True, True, False]
+
+
+def test_adversarial_inputs_time_out_as_wrong_without_hanging():
+    deep = "\\boxed{" + "(" * 3000 + "1" + ")" * 3000 + "}"
+    long_sum = "\\boxed{" + "+".join(["1"] * 20000) + "}"
+    responses = ["\\boxed{1/2}", deep, "\\boxed{3}", long_sum, "\\boxed{\\frac{6}{4}}"]
+    golds = ["0.5", "1", "3", "20000", "1.5"]
+    start = time.perf_counter()
+    got = verify.verify_batch(responses, golds, workers=2, timeout=2.0)
+    elapsed = time.perf_counter() - start
+    # the ordinary items keep their right answers; the adversarial ones are False or, if
+    # math-verify finishes in time, whatever it says, but never a crash or a hang
+    assert got[0] is True and got[2] is True and got[4] is True
+    assert got[1] in (True, False) and got[3] in (True, False)
+    assert elapsed < 30
+    # and the pool still works afterwards
+    assert verify.verify_batch(["\\boxed{2}"], ["2"], workers=2) == [True]
+
+
+def test_cli():
+    out = subprocess.run([sys.executable, "verify.py", "so \\boxed{\\frac{1}{2}}", "0.5"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "answer: \\frac{1}{2}" in out and "correct: True" in out
+    out = subprocess.run([sys.executable, "verify.py", "no answer", "0.5"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "answer: None" in out and "correct: False" in out
