@@ -798,7 +798,7 @@ def sequence_logprobs(model, batch: dict, micro_batch_size: int, temperature: fl
 
 
 def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, gamma: float):
-    """num_minibatches optimizer steps over the batch; returns averaged metrics.
+    """num_minibatches optimizer steps over the batch; returns metrics averaged over them.
 
     batch: input_ids [N, L], attention_mask [N, L], completion_mask [N, C], advantages [N],
     off_policy_mask [N, C], old_logp [N, C] or None (then pi_old = pi_theta, see below),
@@ -862,7 +862,7 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
         stats["grad_norm"] += float(grad_norm)
         stats["updates"] += 1
     u = stats["updates"]
-    out = {"loss": stats["loss"], "entropy": stats["entropy"] / u,
+    out = {"loss": stats["loss"] / u, "entropy": stats["entropy"] / u,
            "grad_norm": stats["grad_norm"] / u, "skipped_updates": stats["skipped_updates"],
            "clip_frac": stats["clip_num"] / max(stats["on_tokens"], 1),
            "teacher_token_p": (stats["teacher_p_sum"] / stats["off_tokens"]
@@ -919,8 +919,8 @@ def rollout_step(model, tokenizer, rows: list[dict], prompt_texts: list[str], cf
                  rng: random.Random, guide: bool = True) -> tuple[dict, dict]:
     """Generate, score and (AMPO) guide one batch of prompts. Returns (rollout, metrics).
 
-    rollout: per sequence (G per prompt, in order) the prompt ids, completion ids, reward,
-    correct flag, off-policy flag, source ("policy" or the teacher's name), truncated flag.
+    rollout: per sequence (G per prompt, in order) the completion ids and text, reward, correct
+    flag, off-policy flag, source ("policy" or the teacher's name), truncated flag.
     """
     t, G, times = cfg.train, cfg.train.num_generations, {}
     tick = time.perf_counter()
