@@ -696,9 +696,10 @@ def apply_guidance(rollout: dict, rows: list[dict], prompt_texts: list[str], mod
 # the student finds unlikely, so imitation focuses on what the student does not know yet.
 #
 # Why is the logged loss near 0? On the first mini-batch of a step pi_theta == pi_old, so r = 1
-# and the student part is -A averaged over the batch; advantages sum to zero in every group, so
-# it nearly cancels. The gradient is not zero: it is REINFORCE with a group baseline. Watch
-# reward, accuracy and clip fraction instead of the loss.
+# and each token contributes -A; advantages sum to zero in every group, so only unequal lengths
+# (a long wrong answer has more tokens than a short teacher) keep it from cancelling. The
+# gradient is not small: it is REINFORCE with a group baseline. Watch reward, accuracy and clip
+# fraction, not the loss.
 
 
 def shaping(p: torch.Tensor, gamma: float = 0.1) -> torch.Tensor:
