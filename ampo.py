@@ -21,7 +21,8 @@ The file reads top to bottom in the order the algorithm is taught:
   3. model             7. guidance on demand     11. logging and checkpoints
   4. rollout           8. comprehension scores   12. main()
 
-Every function is importable without side effects: tests and readers call them by name.
+Every function is importable without side effects: tests and readers call them by name, and
+ghpo.py runs this file's training loop with its own rollout function (hints instead of teachers).
 """
 
 from __future__ import annotations
@@ -176,6 +177,8 @@ def load_config(path: str | None, overrides: list[str] = (), cls=Config, foreign
             raise ValueError(f"override {item!r}: expected --section.key=value")
         dotted, value = item[2:].split("=", 1)
         section, key = dotted.split(".", 1)
+        if section in foreign:
+            raise ValueError(f"override {item!r}: the {section}: block belongs to {section}.py")
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ValueError(f"override {item!r}: section {section} is not a mapping")
@@ -257,6 +260,8 @@ def normalise_row(rec: dict, where: str) -> dict:
     if gold is None or str(gold).strip() == "":
         raise ValueError(f"{where}: missing the gold answer ('answer' or "
                          f"'reward_model.ground_truth')")
+    if verify.BOX.search(str(gold)):  # a MATH-style worked solution given as gold: its \boxed{}
+        gold = verify.extract_answer(str(gold)) or gold
     for source, text in teachers:
         if not isinstance(text, str):
             raise ValueError(f"{where}: teacher {source!r} has no response text")
@@ -264,17 +269,23 @@ def normalise_row(rec: dict, where: str) -> dict:
             "solution": solution, "teachers": teachers}
 
 
-def load_dataset(path: str, max_teachers: int = 4, workers: int = 2) -> tuple[list[dict], dict]:
+def load_dataset(path: str, max_teachers: int = 4, workers: int = 2,
+                 require_solution: bool = False) -> tuple[list[dict], dict]:
     """Read and check a data file. Teachers whose answer does not verify are dropped.
 
     Returns (rows, stats); stats counts rows and teachers kept and dropped, which the run
     prints, because a pool with silently wrong teachers would teach wrong answers.
+    require_solution (GHPO's hints): every row needs a worked solution, checked before training.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
     rows = [normalise_row(rec, f"{path} row {i}") for i, rec in enumerate(read_records(path))]
     if not rows:
         raise ValueError(f"{path}: no rows")
+    for i, row in enumerate(rows):
+        if require_solution and not (isinstance(row["solution"], str) and row["solution"].strip()):
+            raise ValueError(f"{path} row {i}: no worked solution ('solution' in the simple "
+                             f"schema, 'solution_hint' in GHPO's) to take hints from")
     # The first max_teachers teachers of a row, names and texts cut together (the official
     # code truncated the texts but not the names: spec/AMPO.md B3).
     for row in rows:
@@ -292,14 +303,24 @@ def load_dataset(path: str, max_teachers: int = 4, workers: int = 2) -> tuple[li
     return rows, stats
 
 
+def chat_messages(row: dict, template: str, system_prompt: str | None) -> list[dict]:
+    """The row's conversation: its own chat list, or [system,] user = template(problem).
+
+    >>> chat_messages({"messages": None, "problem": "1+1?"}, "Q: {problem}", None)
+    [{'role': 'user', 'content': 'Q: 1+1?'}]
+    """
+    if row["messages"] is not None:
+        return [dict(m) for m in row["messages"]]  # a copy: ghpo.py edits the user turn
+    messages = [{"role": "user", "content": template.format(problem=row["problem"])}]
+    if system_prompt is not None:
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return messages
+
+
 def build_prompt(tokenizer, row: dict, template: str, system_prompt: str | None) -> str:
     """The chat-formatted prompt text the policy continues (ends with the assistant header)."""
-    messages = row["messages"]
-    if messages is None:
-        messages = [{"role": "user", "content": template.format(problem=row["problem"])}]
-        if system_prompt is not None:
-            messages = [{"role": "system", "content": system_prompt}] + messages
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(chat_messages(row, template, system_prompt),
+                                         add_generation_prompt=True, tokenize=False)
 
 
 # =============================================================================================
@@ -626,8 +647,8 @@ def apply_guidance(rollout: dict, rows: list[dict], prompt_texts: list[str], mod
                    cfg: Config, rng: random.Random) -> dict:
     """Guidance on demand, in place: replace wrong rollouts of failing groups by teachers.
 
-    `rollout` holds, per sequence (G per prompt, in prompt order): completions (token lists),
-    rewards, correct, off_policy, source. Returns metrics about what happened.
+    `rollout` is sample_groups()'s: per sequence (G per prompt, in prompt order) completions
+    (token lists), texts, rewards, correct, off_policy, truncated, source. Returns metrics.
     """
     a, G = cfg.ampo, cfg.train.num_generations
     groups = [i for i in range(len(rows))
@@ -669,6 +690,7 @@ def apply_guidance(rollout: dict, rows: list[dict], prompt_texts: list[str], mod
             rollout["off_policy"][s] = True
             rollout["truncated"][s] = len(cand[i][j]) > cfg.train.max_completion_length
             rollout["source"][s] = rows[i]["teachers"][j][0]
+            rollout["texts"][s] = rows[i]["teachers"][j][1]
             picked[rows[i]["teachers"][j][0]] += 1
             if (i, j) in scores:
                 picked_scores.append(scores[(i, j)])
@@ -916,12 +938,14 @@ def format_metrics(step: int, m: dict) -> str:
 # =============================================================================================
 
 
-def rollout_step(model, tokenizer, rows: list[dict], prompt_texts: list[str], cfg: Config,
-                 rng: random.Random, guide: bool = True) -> tuple[dict, dict]:
-    """Generate, score and (AMPO) guide one batch of prompts. Returns (rollout, metrics).
+def sample_groups(model, tokenizer, rows: list[dict], prompt_texts: list[str],
+                  cfg: Config) -> tuple[dict, dict]:
+    """Generate G completions per prompt and score them. Returns (rollout, times).
 
-    rollout: per sequence (G per prompt, in order) the completion ids and text, reward, correct
-    flag, off-policy flag, source ("policy" or the teacher's name), truncated flag.
+    rollout holds, per sequence (G per prompt, in prompt order), the completion ids and text,
+    reward, correct flag, off-policy flag, source ("policy" or a teacher's name) and truncated
+    flag; and per prompt the prompt text the group was sampled from ("prompts"), which is the
+    text the loss conditions on (GHPO replaces it by a hinted one).
     """
     t, G, times = cfg.train, cfg.train.num_generations, {}
     tick = time.perf_counter()
@@ -933,23 +957,40 @@ def rollout_step(model, tokenizer, rows: list[dict], prompt_texts: list[str], cf
     golds = [row["answer"] for row in rows for _ in range(G)]
     rewards, correct = score_completions(texts, golds, t)
     times["reward"] = time.perf_counter() - tick
-    rollout = {"completions": completions, "rewards": list(rewards), "correct": list(correct),
+    rollout = {"prompts": list(prompt_texts), "completions": completions,
+               "rewards": list(rewards), "correct": list(correct),
                "off_policy": [False] * len(completions), "truncated": truncated,
                "source": ["policy"] * len(completions), "texts": texts}
+    return rollout, times
+
+
+def rollout_step(model, tokenizer, rows: list[dict], prompt_texts: list[str], cfg: Config,
+                 rng: random.Random, step: int) -> tuple[dict, dict]:
+    """One step's data: sample and score the groups, then (AMPO) guide the failing ones.
+
+    Returns (rollout, metrics). `step` (1-based) is unused here; ghpo.py's rollout function
+    has the same signature and needs it for its cold start.
+    """
+    rollout, times = sample_groups(model, tokenizer, rows, prompt_texts, cfg)
+    completions, correct, truncated = rollout["completions"], rollout["correct"], rollout["truncated"]
     metrics = {"accuracy": sum(correct) / len(correct),
                "completion_len": sum(map(len, completions)) / len(completions),
                "truncated_frac": sum(truncated) / len(truncated)}
     tick = time.perf_counter()
-    if guide:
+    if cfg.ampo.trigger != "never":  # "never" is GRPO
         metrics.update(apply_guidance(rollout, rows, prompt_texts, model, tokenizer, cfg, rng))
     times["guidance"] = time.perf_counter() - tick
     metrics["time"] = times
     return rollout, metrics
 
 
-def build_batch(tokenizer, prompt_ids: list[list[int]], rollout: dict, cfg: TrainConfig) -> dict:
-    """Padded tensors and group advantages for the training step."""
+def build_batch(tokenizer, rollout: dict, cfg: TrainConfig) -> dict:
+    """Padded tensors and group advantages for the training step.
+
+    Each group is laid out behind the prompt it was sampled from (rollout["prompts"]).
+    """
     G = cfg.num_generations
+    prompt_ids = tokenizer(rollout["prompts"], add_special_tokens=False)["input_ids"]
     seq_prompts = [p for p in prompt_ids for _ in range(G)]
     input_ids, attention_mask, completion_mask = pad_sequences(
         seq_prompts, rollout["completions"], tokenizer.pad_token_id)
@@ -960,8 +1001,13 @@ def build_batch(tokenizer, prompt_ids: list[list[int]], rollout: dict, cfg: Trai
             "advantages": group_advantages(rewards, G, cfg.scale_rewards)}  # [N]
 
 
-def train(cfg: Config) -> dict:
-    """The whole run. Returns the last step's metrics."""
+def train(cfg: Config, rollout_fn=rollout_step, log_line=format_metrics,
+          require_solution: bool = False) -> dict:
+    """The whole run. Returns the last step's metrics.
+
+    ghpo.py runs this same loop with its own rollout function (hint stages instead of teachers)
+    and its own log line; require_solution asks the data loader for worked solutions.
+    """
     from tqdm import tqdm
 
     t = cfg.train
@@ -974,10 +1020,10 @@ def train(cfg: Config) -> dict:
 
     model, tokenizer = load_model(cfg.model)
     rows, stats = load_dataset(cfg.data.train_file, cfg.ampo.max_available_targets,
-                               t.verifier_workers)
+                               t.verifier_workers, require_solution)
     prompt_texts = [build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt)
                     for r in rows]
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_texts]
+    prompt_ids = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
     fits = [i for i, p in enumerate(prompt_ids) if len(p) <= cfg.data.max_prompt_length]
     print(f"data: {stats['rows']} rows from {cfg.data.train_file}, "
           f"{stats['rows'] - len(fits)} dropped as longer than max_prompt_length; teachers: "
@@ -999,11 +1045,10 @@ def train(cfg: Config) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda u: min(1.0, (u + 1) / updates_per_warmup))
 
-    guide = cfg.ampo.trigger != "never" and cfg.ampo.num_off_policy_targets > 0
     order, metrics_path, samples_path = [], out_dir / "metrics.jsonl", out_dir / "samples.jsonl"
     metrics_path.write_text("")
     last = {}
-    bar = tqdm(range(1, t.max_steps + 1), desc="ampo" if guide else "grpo", dynamic_ncols=True)
+    bar = tqdm(range(1, t.max_steps + 1), desc=out_dir.name, dynamic_ncols=True)
     for step in bar:
         tick = time.perf_counter()
         # Sample prompts without replacement within an epoch; reshuffle at each epoch.
@@ -1011,11 +1056,11 @@ def train(cfg: Config) -> dict:
             order += rng.sample(fits, len(fits))
         idx, order = order[:t.prompts_per_step], order[t.prompts_per_step:]
         batch_rows = [rows[i] for i in idx]
-        rollout, m = rollout_step(model, tokenizer, batch_rows, [prompt_texts[i] for i in idx],
-                                  cfg, rng, guide)
+        rollout, m = rollout_fn(model, tokenizer, batch_rows, [prompt_texts[i] for i in idx],
+                                cfg, rng, step)
 
         tock = time.perf_counter()
-        batch = build_batch(tokenizer, [prompt_ids[i] for i in idx], rollout, t)
+        batch = build_batch(tokenizer, rollout, t)
         # pi_old: one no-grad pass before any update, needed once a step has a second update
         # (after the first optimizer step the policy differs from the one that sampled).
         batch["old_logp"] = (sequence_logprobs(model, batch, t.micro_batch_size, t.temperature)
@@ -1035,13 +1080,13 @@ def train(cfg: Config) -> dict:
         m["step"] = step
         with open(metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
-        bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}",
-                        guided=f"{m.get('guided_frac', 0):.2f}")
-        tqdm.write(format_metrics(step, m))
+        bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}")
+        tqdm.write(log_line(step, m))
         if cfg.log.sample_every and step % cfg.log.sample_every == 0:
             with open(samples_path, "a") as f:
                 for s in range(0, len(rollout["texts"]), t.num_generations):
                     f.write(json.dumps({"step": step, "problem": batch_rows[s // t.num_generations]["problem"],
+                                        "source": rollout["source"][s],
                                         "completion": rollout["texts"][s],
                                         "reward": rollout["rewards"][s]}) + "\n")
             tqdm.write(f"  sample: {rollout['texts'][0][:200]!r} -> reward {rollout['rewards'][0]}")
@@ -1055,7 +1100,8 @@ def train(cfg: Config) -> dict:
 
 def main(argv=None, cls=Config, foreign=("ghpo",), run=None):
     """`python ampo.py --config config.yaml [--section.key=value ...]`."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    doc = sys.modules[(run or train).__module__].__doc__  # the calling script's first line
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--config", default=None, help="YAML file (default: built-in defaults)")
     args, overrides = parser.parse_known_args(argv)
     try:

@@ -386,7 +386,7 @@ def test_apply_guidance_replaces_wrong_rollouts_with_ranked_teachers(tiny, tmp_p
     # group 0: all wrong -> guided; group 1: one right -> untouched
     rollout = {"completions": [[7]] * 8, "rewards": [0.0] * 5 + [1.0, 0.0, 0.0],
                "correct": [False] * 5 + [True, False, False], "off_policy": [False] * 8,
-               "truncated": [True] * 8, "source": ["policy"] * 8}
+               "truncated": [True] * 8, "source": ["policy"] * 8, "texts": ["x"] * 8}
     m = ampo.apply_guidance(rollout, rows, prompts, model, tok, cfg, random.Random(0))
     assert m["guided_frac"] == 0.5
     assert sum(rollout["off_policy"][:4]) == 2 and not any(rollout["off_policy"][4:])
@@ -397,20 +397,21 @@ def test_apply_guidance_replaces_wrong_rollouts_with_ranked_teachers(tiny, tmp_p
         assert rollout["rewards"][i] == 1.0 and rollout["completions"][i][-1] == tok.eos_token_id
         assert rollout["truncated"][i] is False
     assert rollout["rewards"][4:] == [0.0, 1.0, 0.0, 0.0]
+    assert all(rollout["texts"][i].endswith("}") for i in picked)  # the teacher's text
     assert 0.0 <= m["comprehension_picked"] <= 1.0
     assert sum(m["teachers_picked"].values()) == 2
 
 
 def train_once(model, tok, cfg, rollout_rows, off_policy, rewards, old=True):
     """Build a batch from fixed completions and run train_on_batch once."""
-    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in rollout_rows]
     G = cfg.train.num_generations
     comps = [[10 + (i % 5), 20 + i, tok.eos_token_id][: 1 + i % 3] for i in range(len(rewards))]
-    rollout = {"completions": comps, "rewards": rewards, "off_policy": off_policy}
-    batch = ampo.build_batch(tok, prompt_ids, rollout, cfg.train)
+    rollout = {"prompts": rollout_rows, "completions": comps, "rewards": rewards,
+               "off_policy": off_policy}
+    batch = ampo.build_batch(tok, rollout, cfg.train)
     batch["old_logp"] = (ampo.sequence_logprobs(model, batch, 2, 1.0) if old else None)
     batch["ref_logp"] = None
-    assert len(prompt_ids) * G == len(rewards)
+    assert len(rollout_rows) * G == len(rewards)
     return batch
 
 
