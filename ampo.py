@@ -282,10 +282,12 @@ def load_dataset(path: str, max_teachers: int = 4, workers: int = 2,
     rows = [normalise_row(rec, f"{path} row {i}") for i, rec in enumerate(read_records(path))]
     if not rows:
         raise ValueError(f"{path}: no rows")
-    for i, row in enumerate(rows):
-        if require_solution and not (isinstance(row["solution"], str) and row["solution"].strip()):
-            raise ValueError(f"{path} row {i}: no worked solution ('solution' in the simple "
-                             f"schema, 'solution_hint' in GHPO's) to take hints from")
+    missing = [i for i, r in enumerate(rows)
+               if not (isinstance(r["solution"], str) and r["solution"].strip())]
+    if require_solution and missing:
+        raise ValueError(f"{path} row {missing[0]}: no worked solution ('solution' in the simple "
+                         f"schema, 'solution_hint' in GHPO's) to take hints from "
+                         f"({len(missing)} rows lack one)")
     # The first max_teachers teachers of a row, names and texts cut together (the official
     # code truncated the texts but not the names: spec/AMPO.md B3).
     for row in rows:
