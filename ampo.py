@@ -125,12 +125,27 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Test files (any supported schema), scored with the training verifier, never with hints
+    # or teachers: by `--eval`, and every `every` training steps.
+    files: list = field(default_factory=list)
+    every: int = 0  # evaluate during training every N steps (0: never)
+    num_samples: int = 4  # n answers per problem; avg@n is their mean accuracy
+    pass_k: list = field(default_factory=lambda: [1, 4])  # report pass@k for these k <= n
+    temperature: float = 0.6  # the official AMPO evaluation: T 0.6, top_p 1.0
+    top_p: float = 1.0
+    max_problems: int = 0  # the first N problems of each file (0: all)
+    prompts_per_batch: int = 16  # problems per generate call (x num_samples sequences)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ampo: AMPOConfig = field(default_factory=AMPOConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def coerce(value, default, key: str):
@@ -898,8 +913,64 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
 
 
 # =============================================================================================
-# 11. Logging and checkpoints
+# 11. Evaluation, logging and checkpoints
 # =============================================================================================
+# avg@n: sample n answers per problem and average their accuracy (the papers' avg@32 on AIME).
+# pass@k: the chance that at least one of k answers is right, estimated without bias from the
+# same n >= k samples (Chen et al., 2021): of the C(n, k) ways to pick k of the n answers, the
+# ones that miss all c correct answers number C(n - c, k), so
+#
+#     pass@k = 1 - C(n - c, k) / C(n, k)
+#
+# averaged over problems. Drawing k fresh samples instead would be noisier for the same cost.
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one problem with c correct answers out of n samples.
+
+    >>> pass_at_k(8, 1, 1), pass_at_k(4, 2, 2), pass_at_k(8, 0, 8), pass_at_k(8, 1, 8)
+    (0.125, 0.8333333333333334, 0.0, 1.0)
+    """
+    if not 0 < k <= n:
+        raise ValueError(f"pass@k needs 0 < k <= n, got k={k}, n={n}")
+    if n - c < k:  # every choice of k answers holds a correct one
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def evaluate(model, tokenizer, cfg: Config, path: str) -> dict:
+    """avg@n and pass@k of the policy on one test file, with the training verifier."""
+    e, t = cfg.eval, cfg.train
+    rows, _ = load_dataset(path, 0, t.verifier_workers)
+    rows = rows[:e.max_problems or None]
+    n = e.num_samples
+    correct = []
+    for start in range(0, len(rows), e.prompts_per_batch):
+        chunk = rows[start:start + e.prompts_per_batch]
+        prompts = [build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt)
+                   for r in chunk]
+        completions, _ = generate(model, tokenizer, prompts, n, t.max_completion_length,
+                                  e.temperature, e.top_p)
+        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        golds = [r["answer"] for r in chunk for _ in range(n)]
+        correct += verify.verify_batch(texts, golds, workers=t.verifier_workers,
+                                       timeout=t.verifier_timeout)
+    per_problem = [sum(correct[i * n:(i + 1) * n]) for i in range(len(rows))]  # c per problem
+    out = {"file": path, "problems": len(rows), f"avg@{n}": sum(correct) / len(correct)}
+    for k in e.pass_k:
+        out[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in per_problem) / len(rows)
+    return out
+
+
+def evaluate_files(cfg: Config, model=None, tokenizer=None) -> list[dict]:
+    """`--eval`: evaluate a model (cfg.model, or the one given) on every file in eval.files."""
+    if not cfg.eval.files:
+        raise ValueError("config key eval.files: no test file to evaluate")
+    if model is None:
+        model, tokenizer = load_model(cfg.model)
+    torch.manual_seed(cfg.train.seed)
+    return [evaluate(model, tokenizer, cfg, path) for path in cfg.eval.files]
+
 
 
 def save_checkpoint(path: str, model, tokenizer, optimizer, cfg: Config, step: int):
@@ -1080,6 +1151,9 @@ def train(cfg: Config, rollout_fn=rollout_step, log_line=format_metrics,
         m["time"]["step"] = time.perf_counter() - tick
         m["tokens_per_s"] = n_tokens / m["time"]["step"]
         m["step"] = step
+        if cfg.eval.every and step % cfg.eval.every == 0 and cfg.eval.files:
+            m["eval"] = [evaluate(model, tokenizer, cfg, path) for path in cfg.eval.files]
+            tqdm.write(f"  eval: {m['eval']}")
         with open(metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
         bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}")
@@ -1105,11 +1179,23 @@ def main(argv=None, cls=Config, foreign=("ghpo",), run=None):
     doc = sys.modules[(run or train).__module__].__doc__  # the calling script's first line
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--config", default=None, help="YAML file (default: built-in defaults)")
+    parser.add_argument("--eval", action="store_true",
+                        help="evaluate model.name_or_path on eval.files instead of training")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides, cls, foreign)
+        if args.eval:
+            results = evaluate_files(cfg)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    if args.eval:
+        out = Path(cfg.log.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "eval.jsonl", "a") as f:
+            for r in results:
+                print(json.dumps(r))
+                f.write(json.dumps({"model": cfg.model.name_or_path, **r}) + "\n")
+        return results
     return (run or train)(cfg)
 
 

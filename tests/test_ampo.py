@@ -515,3 +515,75 @@ def test_default_config_end_to_end(tmp_path):
     lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert len(lines) == 2 and "guided_frac" in last and math.isfinite(last["loss"])
     assert (tmp_path / "run" / "checkpoint" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: pass@k and avg@n
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pass_at_k_matches_counting_subsets():
+    from itertools import combinations
+
+    # hand-computed: 2 of 4 right, k = 2: 1 - C(2, 2) / C(4, 2) = 1 - 1/6
+    assert ampo.pass_at_k(4, 2, 2) == pytest.approx(5 / 6)
+    assert ampo.pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 is the accuracy
+    assert ampo.pass_at_k(5, 0, 3) == 0.0 and ampo.pass_at_k(5, 3, 3) == 1.0
+    # against the definition: the share of k-subsets of the n answers holding a correct one
+    for n in range(1, 7):
+        for c in range(n + 1):
+            answers = [True] * c + [False] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(combinations(answers, k))
+                want = sum(any(s) for s in subsets) / len(subsets)
+                assert ampo.pass_at_k(n, c, k) == pytest.approx(want), (n, c, k)
+    with pytest.raises(ValueError, match="0 < k <= n"):
+        ampo.pass_at_k(4, 1, 5)
+
+
+def test_evaluate_scores_a_scripted_policy(tiny_model_dir, tmp_path, monkeypatch):
+    # The scripted policy answers "What is 2 + 3?" right in answers 0 and 2 of 4 and everything
+    # else wrong; the verifier is the real one. Problem 1: c = 2, problem 2: c = 0.
+    model, tok = ampo.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
+
+    def scripted(model, tokenizer, prompts, n, max_new, temperature=1.0, top_p=1.0):
+        assert (n, temperature, top_p) == (4, 0.6, 1.0)
+        out = []
+        for p in prompts:
+            for j in range(n):
+                text = "\\boxed{5}" if "2 + 3" in p and j % 2 == 0 else "\\boxed{0}"
+                out.append(tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+        return out, [False] * len(out)
+
+    monkeypatch.setattr(ampo, "generate", scripted)
+    path = write_jsonl(tmp_path / "test.jsonl", [{"problem": "What is 2 + 3?", "answer": "5"},
+                                                 {"problem": "What is 4 + 4?", "answer": "8"},
+                                                 {"problem": "What is 1 + 1?", "answer": "2"}])
+    cfg = ampo.Config()
+    cfg.train.verifier_workers, cfg.eval.pass_k, cfg.eval.max_problems = 0, [1, 2, 4], 2
+    cfg.eval.prompts_per_batch = 1  # two generate calls, results kept in order
+    got = ampo.evaluate(model, tok, cfg, path)
+    assert got["problems"] == 2
+    assert got["avg@4"] == 2 / 8
+    assert got["pass@1"] == pytest.approx((0.5 + 0) / 2)
+    assert got["pass@2"] == pytest.approx((5 / 6 + 0) / 2)
+    assert got["pass@4"] == pytest.approx((1 + 0) / 2)
+
+
+def test_eval_command_and_periodic_eval(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path)
+    test_file = cfg.data.train_file
+    out = ampo.main(["--eval", f"--model.name_or_path={tiny_model_dir}",
+                     f"--eval.files=[{test_file}]", "--eval.num_samples=2", "--eval.pass_k=[1, 2]",
+                     f"--log.output_dir={tmp_path / 'ev'}", "--train.max_completion_length=8",
+                     "--train.verifier_workers=0"])
+    assert [r["problems"] for r in out] == [4] and {"avg@2", "pass@1", "pass@2"} <= set(out[0])
+    saved = json.loads((tmp_path / "ev" / "eval.jsonl").read_text())
+    assert saved["model"] == tiny_model_dir and saved["avg@2"] == out[0]["avg@2"]
+    with pytest.raises(SystemExit, match="eval.files"):
+        ampo.main(["--eval", f"--model.name_or_path={tiny_model_dir}"])
+    # during training: every step here, one result per file in the step's metrics
+    cfg.eval.files, cfg.eval.every, cfg.eval.num_samples, cfg.eval.pass_k = [test_file], 1, 2, [2]
+    ampo.train(cfg)
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert all(x["eval"][0]["problems"] == 4 and "pass@2" in x["eval"][0] for x in lines)
