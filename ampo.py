@@ -2,6 +2,9 @@
 
     python ampo.py --config config.yaml                       # AMPO, the embedded default
     python ampo.py --config config.yaml --ampo.trigger=never  # the GRPO baseline, same code path
+    python ampo.py --config config.yaml --resume              # continue from the last checkpoint
+    python ampo.py --config config.yaml --eval                # avg@n, pass@k on eval.files
+    torchrun --nproc_per_node=4 ampo.py --config configs/ampo_qwen2.5-7b-instruct_4gpu.yaml
 
 AMPO (Yuan et al., arXiv 2510.02227) is GRPO with teachers on demand:
 
@@ -18,8 +21,9 @@ The file reads top to bottom in the order the algorithm is taught:
 
   1. config            5. reward                  9. the loss
   2. data              6. group advantages       10. the training step
-  3. model             7. guidance on demand     11. logging and checkpoints
-  4. rollout           8. comprehension scores   12. main()
+  3. model             7. guidance on demand     11. evaluation, logging, checkpoints
+  4. rollout           8. comprehension scores   12. scale: torchrun, DDP, FSDP2
+                                                 13. main()
 
 Every function is importable without side effects: tests and readers call them by name, and
 ghpo.py runs this file's training loop with its own rollout function (hints instead of teachers).
@@ -28,6 +32,7 @@ ghpo.py runs this file's training loop with its own rollout function (hints inst
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -38,10 +43,13 @@ import shutil
 import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.tensor
 import yaml
 
 import verify
@@ -102,6 +110,16 @@ class TrainConfig:
     repetition_penalty: bool = False  # official: -1 on non-zero rewards of repetitive text
     verifier_workers: int = 2  # processes of verify.verify_batch
     verifier_timeout: float = 5.0  # seconds per answer; a timeout is a wrong answer
+    # Scale (section 12): under torchrun, DDP replicates the model on every rank; FSDP2 shards
+    # weights, gradients and optimizer state across ranks (7B-class models). bf16 computes in
+    # bfloat16 on CUDA while weights and optimizer state stay float32.
+    parallelism: str = "ddp"  # ddp | fsdp; one process (plain python) uses neither
+    bf16: bool = False
+    # Rollouts with vLLM (vllm_engine.py, optional, GPU only): one colocated engine per rank.
+    use_vllm: bool = False
+    vllm_gpu_memory_utilization: float = 0.3  # share of each GPU the engine may take
+    vllm_max_model_len: int = 0  # 0: max_prompt_length + max_completion_length
+    vllm_enable_sleep_mode: bool = False  # free the engine's memory during the update
 
 
 @dataclass
@@ -122,6 +140,7 @@ class LogConfig:
     output_dir: str = "runs/ampo"
     sample_every: int = 10  # print and save a few decoded rollouts every N steps (0: never)
     save_every: int = 0  # checkpoint every N steps (0: only the final one)
+    keep_last: int = 2  # checkpoint-<step> folders kept; older ones are deleted
 
 
 @dataclass
@@ -383,11 +402,16 @@ def embedded_model_folder() -> str:
     return str(folder)
 
 
+def model_path(name_or_path: str) -> str:
+    """A local folder or hub id; the embedded default's converted folder."""
+    return embedded_model_folder() if name_or_path == EMBEDDED else name_or_path
+
+
 def load_model(cfg: ModelConfig):
     """(model, tokenizer) on CPU, or on the GPU when there is one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = embedded_model_folder() if cfg.name_or_path == EMBEDDED else cfg.name_or_path
+    path = model_path(cfg.name_or_path)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if cfg.dtype not in dtype:
         raise ValueError(f"config key model.dtype: one of {list(dtype)}, got {cfg.dtype!r}")
@@ -415,7 +439,13 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, max_new
 
     completions[i * G + j] is the token list of answer j to prompt i, up to and including its
     first stop token; truncated[...] is True when it hit max_new_tokens without stopping.
+    With train.use_vllm the policy carries a vLLM engine (section 12), which samples instead.
     """
+    if getattr(model, "vllm_engine", None) is not None:
+        import vllm_engine
+
+        return vllm_engine.generate(model.vllm_engine, tokenizer, prompts, num_generations,
+                                    max_new_tokens, temperature, top_p)
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                     add_special_tokens=False).to(model.device)
     stop = tokenizer.eos_token_id
@@ -627,6 +657,12 @@ def comprehension_scores(model, tokenizer, prompts: list[str], responses: list[s
     todo = [i for i, it in enumerate(items) if it is not None]
     was_training = model.training
     model.eval()
+    # FSDP2 on several ranks: every forward is a collective, so each rank runs as many batches
+    # as the busiest one, the extra ones on a one-token dummy (section 12).
+    n_batches = math.ceil(len(todo) / batch_size)
+    for _ in range(lockstep_batches(model, n_batches) - n_batches):
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=model.device))
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         L = max(len(items[i][0]) for i in chunk)
@@ -679,7 +715,7 @@ def apply_guidance(rollout: dict, rows: list[dict], prompt_texts: list[str], mod
     # teacher have nothing to rank (the official code skips them too).
     scored = [(i, j) for i in groups if len(cand[i]) > 1 for j in range(len(cand[i]))]
     scores = {}
-    if a.selection == "comprehension" and scored:
+    if a.selection == "comprehension" and (scored or lockstep_batches(model, 0)):
         values = comprehension_scores(
             model, tokenizer, [prompt_texts[i] for i, _ in scored],
             [rows[i]["teachers"][j][1] for i, j in scored], [rows[i]["answer"] for i, _ in scored],
@@ -842,42 +878,53 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
 
     batch: input_ids [N, L], attention_mask [N, L], completion_mask [N, C], advantages [N],
     off_policy_mask [N, C], old_logp [N, C] or None (then pi_old = pi_theta, see below),
-    ref_logp [N, C] or None.
+    ref_logp [N, C] or None. Under torchrun each rank passes its own N sequences (whole groups)
+    and `model` is the DDP or FSDP2 model; the normalisers and the metrics are global
+    (rank_and_world and all_sum are in section 12).
     """
+    _, world = rank_and_world()
     N = batch["input_ids"].shape[0]
     per_mb = math.ceil(N / cfg.num_minibatches)
     stats = Counter()
-    device = model.device
+    device = next(model.parameters()).device
     for start in range(0, N, per_mb):
         rows = range(start, min(start + per_mb, N))
-        # The normalisers of aggregate_loss: counted over the whole mini-batch, once.
-        num_tokens = int(batch["completion_mask"][start:rows.stop].sum())
+        # The normalisers of aggregate_loss: counted over the whole mini-batch of every rank,
+        # once, so that neither micro-batches nor ranks change what a token weighs.
+        num_tokens = int(all_sum([float(batch["completion_mask"][start:rows.stop].sum())])[0])
+        norm = dict(num_sequences=len(rows) * world, num_tokens=num_tokens,
+                    max_completion_length=cfg.max_completion_length)
         for s in range(rows.start, rows.stop, cfg.micro_batch_size):
             mb = micro_batch(batch, slice(s, min(s + cfg.micro_batch_size, rows.stop)))
             mb = {k: v.to(device) for k, v in mb.items()}
-            mask = mb["completion_mask"]  # [b, c]
-            logp, entropy = completion_logprobs(model, mb["input_ids"], mb["attention_mask"],
-                                                mask.shape[1], cfg.temperature,
-                                                with_entropy=True)  # [b, c], [b, c]
-            # With one mini-batch per step pi_old is the policy itself, and the ratio is exactly
-            # 1: no need for a separate no-grad pass, logp.detach() is pi_old.
-            old = mb["old_logp"] if "old_logp" in mb else logp.detach()  # [b, c]
-            per_token = per_token_policy_loss(logp, old, mb["advantages"], mb["off_policy_mask"],
-                                              cfg.epsilon, cfg.epsilon_high, cfg.clip_ratio_c,
-                                              gamma)  # [b, c]
-            norm = dict(num_sequences=len(rows), num_tokens=num_tokens,
-                        max_completion_length=cfg.max_completion_length)
-            pg_loss = aggregate_loss(per_token, mask, cfg.loss_type, **norm)
-            # Entropy bonus: a token mean over all completion tokens, teacher tokens included.
-            ent = aggregate_loss(entropy, mask, "dapo", **norm)
-            loss = pg_loss - cfg.entropy_coeff * ent
-            if "ref_logp" in mb:
-                # k3 estimator of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1 >= 0
-                d = mb["ref_logp"] - logp  # [b, c]
-                kl = aggregate_loss(torch.exp(d) - d - 1, mask, cfg.loss_type, **norm)
-                loss = loss + cfg.beta * kl
-                stats["kl"] += float(kl.detach())
-            loss.backward()
+            # DDP all-reduces gradients in every backward unless told not to: only the last
+            # micro-batch of a mini-batch needs it (the others just accumulate locally).
+            last = s + cfg.micro_batch_size >= rows.stop
+            with (model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()):
+                mask = mb["completion_mask"]  # [b, c]
+                logp, entropy = completion_logprobs(model, mb["input_ids"], mb["attention_mask"],
+                                                    mask.shape[1], cfg.temperature,
+                                                    with_entropy=True)  # [b, c], [b, c]
+                # With one mini-batch per step pi_old is the policy itself, and the ratio is
+                # exactly 1: no need for a separate no-grad pass, logp.detach() is pi_old.
+                old = mb["old_logp"] if "old_logp" in mb else logp.detach()  # [b, c]
+                per_token = per_token_policy_loss(logp, old, mb["advantages"],
+                                                  mb["off_policy_mask"], cfg.epsilon,
+                                                  cfg.epsilon_high, cfg.clip_ratio_c,
+                                                  gamma)  # [b, c]
+                pg_loss = aggregate_loss(per_token, mask, cfg.loss_type, **norm)
+                # Entropy bonus: a token mean over all completion tokens, teacher tokens included.
+                ent = aggregate_loss(entropy, mask, "dapo", **norm)
+                loss = pg_loss - cfg.entropy_coeff * ent
+                if "ref_logp" in mb:
+                    # k3 estimator of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1 >= 0
+                    d = mb["ref_logp"] - logp  # [b, c]
+                    kl = aggregate_loss(torch.exp(d) - d - 1, mask, cfg.loss_type, **norm)
+                    loss = loss + cfg.beta * kl
+                    stats["kl"] += float(kl.detach())
+                # The global loss is the SUM of every rank's loss (the normalisers are global),
+                # but DDP and FSDP average gradients over ranks: scale by world size to undo it.
+                (loss * world).backward()
             with torch.no_grad():  # diagnostics only
                 on = mask & ~mb["off_policy_mask"]  # [b, c]
                 ratio = torch.exp(logp - old)  # [b, c]
@@ -891,8 +938,11 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
                 stats["on_tokens"] += float(on.sum())
                 stats["teacher_p_sum"] += float((logp.exp() * off).sum())
                 stats["off_tokens"] += float(off.sum())
+        # Gradients are identical on every rank now, so is their norm, so is the update.
         params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if isinstance(grad_norm, torch.distributed.tensor.DTensor):  # FSDP2: a sharded scalar
+            grad_norm = grad_norm.full_tensor()
         if torch.isfinite(grad_norm):
             optimizer.step()
         else:  # a NaN/inf gradient would poison the weights: skip this update, keep going
@@ -901,13 +951,17 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
         scheduler.step()
         stats["grad_norm"] += float(grad_norm)
         stats["updates"] += 1
+    # Sums over ranks: each rank's loss is its share of the global loss, and counts add up.
+    keys = ["loss", "entropy", "kl", "clip_num", "on_tokens", "teacher_p_sum", "off_tokens"]
+    for key, total in zip(keys, all_sum([stats[k] for k in keys])):
+        stats[key] = total
     u = stats["updates"]
     out = {"loss": stats["loss"] / u, "entropy": stats["entropy"] / u,
            "grad_norm": stats["grad_norm"] / u, "skipped_updates": stats["skipped_updates"],
            "clip_frac": stats["clip_num"] / max(stats["on_tokens"], 1),
            "teacher_token_p": (stats["teacher_p_sum"] / stats["off_tokens"]
                                if stats["off_tokens"] else float("nan"))}
-    if "kl" in stats:
+    if "ref_logp" in batch and batch["ref_logp"] is not None:
         out["kl"] = stats["kl"] / u
     return out
 
@@ -943,6 +997,10 @@ def evaluate(model, tokenizer, cfg: Config, path: str) -> dict:
     e, t = cfg.eval, cfg.train
     rows, _ = load_dataset(path, 0, t.verifier_workers)
     rows = rows[:e.max_problems or None]
+    total = len(rows)
+    rank, world = rank_and_world()  # under torchrun each rank takes a contiguous share
+    share = math.ceil(total / world)
+    rows = rows[rank * share:(rank + 1) * share]
     n = e.num_samples
     correct = []
     for start in range(0, len(rows), e.prompts_per_batch):
@@ -956,9 +1014,12 @@ def evaluate(model, tokenizer, cfg: Config, path: str) -> dict:
         correct += verify.verify_batch(texts, golds, workers=t.verifier_workers,
                                        timeout=t.verifier_timeout)
     per_problem = [sum(correct[i * n:(i + 1) * n]) for i in range(len(rows))]  # c per problem
-    out = {"file": path, "problems": len(rows), f"avg@{n}": sum(correct) / len(correct)}
-    for k in e.pass_k:
-        out[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in per_problem) / len(rows)
+    # Sums over this rank's problems, then over ranks; then the means over all problems.
+    sums = all_sum([sum(correct)] + [sum(pass_at_k(n, c, k) for c in per_problem)
+                                     for k in e.pass_k])
+    out = {"file": path, "problems": total, f"avg@{n}": sums[0] / (total * n)}
+    for k, s in zip(e.pass_k, sums[1:]):
+        out[f"pass@{k}"] = s / total
     return out
 
 
@@ -966,33 +1027,135 @@ def evaluate_files(cfg: Config, model=None, tokenizer=None) -> list[dict]:
     """`--eval`: evaluate a model (cfg.model, or the one given) on every file in eval.files."""
     if not cfg.eval.files:
         raise ValueError("config key eval.files: no test file to evaluate")
+    rank, _ = init_distributed()
     if model is None:
         model, tokenizer = load_model(cfg.model)
-    torch.manual_seed(cfg.train.seed)
+        if cfg.train.use_vllm:
+            import vllm_engine
+
+            model.vllm_engine = vllm_engine.make_engine(model_path(cfg.model.name_or_path), cfg)
+    torch.manual_seed(cfg.train.seed + rank)
     return [evaluate(model, tokenizer, cfg, path) for path in cfg.eval.files]
 
 
 
-def save_checkpoint(path: str, model, tokenizer, optimizer, cfg: Config, step: int):
-    """Weights, tokenizer, optimizer, step and the resolved config, written atomically.
+# A checkpoint is everything the run needs to continue as if it had never stopped: weights,
+# optimizer moments, the learning-rate schedule, the step, the data order still to come, every
+# random generator (one set per rank) and the config. `--resume` reloads the newest one; the
+# test in tests/test_ampo.py kills a run mid-step and checks that the resumed run ends with
+# exactly the uninterrupted run's metrics and weights.
 
-    Everything goes to a temporary folder that is renamed into place at the end, so a crash
-    mid-write never leaves a half checkpoint where a good one was.
+
+def checkpoint_dirs(out_dir) -> list[Path]:
+    """The finished checkpoint-<step> folders under out_dir, oldest first."""
+    found = [p for p in Path(out_dir).glob("checkpoint-*")
+             if p.name.split("-")[1].isdigit() and (p / "trainer_state.pt").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def rng_states(rngs: dict) -> dict:
+    """The state of every random generator this rank draws from."""
+    out = {name: r.getstate() for name, r in rngs.items()}  # random.Random instances
+    out["python"] = random.getstate()
+    out["torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_states(rngs: dict, states: dict):
+    for name, r in rngs.items():
+        r.setstate(states[name])
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def save_checkpoint(out_dir, step: int, policy, tokenizer, optimizer, scheduler, cfg: Config,
+                    state: dict, rngs: dict, keep_last: int = 0) -> Path:
+    """Write out_dir/checkpoint-<step> atomically, then delete all but the newest keep_last.
+
+    Every rank calls it (gathering FSDP2 shards is a collective); rank 0 writes the weights,
+    optimizer and state, every rank its own random generators. Everything goes to a temporary
+    folder renamed into place at the end: a crash mid-write never leaves a half checkpoint,
+    and never touches the previous ones. `state` holds the loop's own variables (data order).
     """
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    with open(os.path.join(tmp, "config.yaml"), "w") as f:
-        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
-    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-        json.dump({"step": step}, f)
-    old = f"{path}.old-{os.getpid()}"
-    if os.path.exists(path):
-        os.replace(path, old)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    rank, _ = rank_and_world()
+    path = Path(out_dir) / f"checkpoint-{step}"
+    tmp = path.with_name(path.name + ".tmp")
+    # Full (unsharded) tensors on the CPU, keyed by parameter name: the same files load into one
+    # process, DDP or FSDP2 with any number of ranks.
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(policy, options=opts)
+    optim = get_optimizer_state_dict(policy, optimizer, options=opts)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save_pretrained(tmp, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+        torch.save(optim, tmp / "optimizer.pt")
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), **state},
+                   tmp / "trainer_state.pt")
+        with open(tmp / "config.yaml", "w") as f:
+            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    barrier()
+    torch.save(rng_states(rngs), tmp / f"rng_state_{rank}.pt")
+    barrier()
+    if rank == 0:
+        if path.exists():  # the same step saved again (a resumed run): replace it
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        for old in checkpoint_dirs(out_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old)
+    barrier()
+    return path
+
+
+def load_checkpoint(path, policy, optimizer, scheduler, rngs: dict) -> dict:
+    """Restore optimizer, schedule and random generators from `path` (the weights were loaded
+    with the model); returns the saved loop state (step, data order)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         set_optimizer_state_dict)
+
+    rank, _ = rank_and_world()
+    path = Path(path)
+    optim = torch.load(path / "optimizer.pt", weights_only=True)
+    set_optimizer_state_dict(policy, optimizer, optim,
+                             options=StateDictOptions(full_state_dict=True))
+    state = torch.load(path / "trainer_state.pt", weights_only=True)
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = path / f"rng_state_{rank}.pt"
+    if not rng_file.exists():
+        raise ValueError(f"{rng_file}: missing; resume with as many ranks as the run had")
+    set_rng_states(rngs, torch.load(rng_file, weights_only=True))
+    return state
+
+
+def keep_lines_up_to_step(path: Path, step: int):
+    """Drop the JSONL lines of steps after `step`: a resumed run rewrites them (atomically)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines(keepends=True)
+            if json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
     os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+
+
+def warn_config_changes(saved: Path, cfg: Config):
+    """Name every key whose value differs from the checkpoint's config: a resumed run with
+    other settings is allowed (a longer max_steps, say) but is no longer the same run."""
+    with open(saved) as f:
+        old = yaml.safe_load(f)
+    new = dataclasses.asdict(cfg)
+    for section, values in new.items():
+        for key, value in values.items():
+            if old.get(section, {}).get(key, value) != value:
+                print(f"warning: resuming with {section}.{key} = {value!r}, the checkpoint "
+                      f"had {old[section][key]!r}")
 
 
 def format_metrics(step: int, m: dict) -> str:
@@ -1007,7 +1170,129 @@ def format_metrics(step: int, m: dict) -> str:
 
 
 # =============================================================================================
-# 12. main(): rollout -> reward -> guidance -> advantages -> update, step after step
+# 12. Scale: one node, many GPUs (torchrun, DDP, FSDP2)
+# =============================================================================================
+# `torchrun --nproc_per_node=N ampo.py --config ...` starts N copies of this script, one per
+# GPU. Each draws the same global batch of prompts and keeps its own contiguous share, so every
+# group lives on one rank: its G answers are sampled, verified, guided and normalised there,
+# with no communication. The ranks meet only in the training step: DDP all-reduces gradients
+# (every rank holds the whole model), FSDP2 shards weights, gradients and optimizer state and
+# gathers one layer at a time (7B-class models). aggregate_loss's normalisers are all-reduced
+# first, so a token weighs the same whatever the number of ranks; tests/test_distributed.py
+# checks that two ranks give the gradients of one process on the same global batch.
+# Plain `python ampo.py` is simply world size 1: the same code with every collective a no-op.
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join torchrun's process group if there is one. Returns (rank, world_size)."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return rank_and_world()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this GPU
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank_and_world()
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Sum a few numbers over ranks (unchanged in one process). Every rank must call it."""
+    if rank_and_world()[1] == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier():
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+def lockstep_batches(model, n: int) -> int:
+    """The most forward passes any rank has to run when `model` is sharded by FSDP2 over
+    several ranks (they must all run that many); else `n` itself."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if rank_and_world()[1] == 1 or not isinstance(model, FSDPModule):
+        return n
+    t = torch.tensor([n], device=model.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def wrap_model(model, cfg: TrainConfig):
+    """The model the training step runs: DDP or FSDP2 under torchrun, else the model itself.
+
+    The unwrapped model stays in use for sampling and scoring (no gradients, no communication).
+    FSDP2's fully_shard works in place: each decoder layer becomes one unit whose weights are
+    gathered just before its forward and freed after, then the rest (embeddings, head).
+    """
+    _, world = rank_and_world()
+    if cfg.parallelism == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # bf16: compute in bfloat16, keep the float32 weights and reduce gradients in float32
+        # (Adam updates of lr 1e-6 would vanish in bfloat16 weights).
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if cfg.bf16 else MixedPrecisionPolicy())
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        return fully_shard(model, mp_policy=mp)
+    if cfg.parallelism != "ddp":
+        raise ValueError(f"config key train.parallelism: ddp|fsdp, got {cfg.parallelism!r}")
+    if cfg.bf16 and torch.cuda.is_available():
+        # float32 weights and optimizer, bfloat16 matmuls: autocast around every forward of the
+        # policy (training, scoring and sampling alike), as accelerate does it.
+        model.forward = torch.autocast("cuda", dtype=torch.bfloat16)(model.forward)
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+    return DDP(model, device_ids=device_ids)
+
+
+def merge_rank_metrics(per_rank: list[dict]) -> dict:
+    """One metrics dict from every rank's: counts (ints) add up, rates (floats) average.
+
+    Every rank holds the same number of prompts, so the mean of the ranks' shares of their
+    prompts or sequences (accuracy, guided_frac) is the global share. A rate over a count that
+    varies by rank (comprehension_mean, GHPO's accuracy_hinted) becomes the mean of the ranks'
+    rates, close to but not exactly the global one. NaN (nothing to measure on a rank, e.g. no
+    guided group) is left out of the mean.
+    """
+    first = per_rank[0]
+    if isinstance(first, dict):
+        keys = dict.fromkeys(k for m in per_rank for k in m)
+        return {k: merge_rank_metrics([m[k] for m in per_rank if k in m]) for k in keys}
+    if isinstance(first, list):
+        return [merge_rank_metrics(list(col)) for col in zip(*per_rank)]
+    if isinstance(first, bool) or not isinstance(first, (int, float)):
+        return first
+    if isinstance(first, int):
+        return sum(per_rank)
+    vals = [v for v in per_rank if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def gather_metrics(m: dict) -> dict:
+    """Every rank's rollout metrics merged (on every rank); unchanged in one process."""
+    _, world = rank_and_world()
+    if world == 1:
+        return m
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, m)
+    return merge_rank_metrics(per_rank)
+
+
+# =============================================================================================
+# 13. main(): rollout -> reward -> guidance -> advantages -> update, step after step
 # =============================================================================================
 
 
@@ -1075,90 +1360,143 @@ def build_batch(tokenizer, rollout: dict, cfg: TrainConfig) -> dict:
 
 
 def train(cfg: Config, rollout_fn=rollout_step, log_line=format_metrics,
-          require_solution: bool = False) -> dict:
-    """The whole run. Returns the last step's metrics.
+          require_solution: bool = False, resume: bool = False) -> dict:
+    """The whole run. Returns the last step's metrics (global, the same on every rank).
 
     ghpo.py runs this same loop with its own rollout function (hint stages instead of teachers)
-    and its own log line; require_solution asks the data loader for worked solutions.
+    and its own log line; require_solution asks the data loader for worked solutions. With
+    resume, the run continues from the newest checkpoint in log.output_dir.
     """
     from tqdm import tqdm
 
     t = cfg.train
-    random.seed(t.seed)
-    torch.manual_seed(t.seed)
-    rng = random.Random(t.seed)  # data order, hybrid trigger, substitution slots
+    rank, world = init_distributed()
+    if t.prompts_per_step % world:
+        raise ValueError(f"config key train.prompts_per_step: {t.prompts_per_step} prompts do "
+                         f"not split evenly over {world} ranks")
+    if t.parallelism == "fsdp" and world > 1 and not t.use_vllm:
+        # FSDP2 gathers each layer's weights in a collective on every forward, so all ranks
+        # must run the same forwards; HF generate stops at each rank's own longest answer.
+        raise ValueError("config key train.use_vllm: FSDP on several ranks samples with vLLM")
+    # Two generators: the data order is the same on every rank (each keeps its own slice of the
+    # same global batch), guidance draws differ by rank. torch's (HF sampling) differs by rank.
+    random.seed(t.seed + rank)
+    torch.manual_seed(t.seed + rank)
+    data_rng = random.Random(t.seed)  # data order
+    rng = random.Random(f"guidance-{t.seed}-{rank}")  # hybrid trigger, substitution slots
     out_dir = Path(cfg.log.output_dir)
+    main_rank = rank == 0  # prints, logs, evaluates; every rank trains and saves its shard
+    ckpt = None
+    if resume:
+        found = checkpoint_dirs(out_dir)
+        if not found:
+            raise ValueError(f"--resume: no checkpoint-<step> folder in {out_dir}")
+        ckpt = found[-1]
+        warn_config_changes(ckpt / "config.yaml", cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    if main_rank:
+        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
-    model, tokenizer = load_model(cfg.model)
+    # The starting weights, or the checkpoint's (its optimizer and state come after wrapping).
+    model_cfg = dataclasses.replace(cfg.model, name_or_path=str(ckpt)) if ckpt else cfg.model
+    policy, tokenizer = load_model(model_cfg)
     rows, stats = load_dataset(cfg.data.train_file, cfg.ampo.max_available_targets,
                                t.verifier_workers, require_solution)
     prompt_texts = [build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt)
                     for r in rows]
     prompt_ids = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
     fits = [i for i, p in enumerate(prompt_ids) if len(p) <= cfg.data.max_prompt_length]
-    print(f"data: {stats['rows']} rows from {cfg.data.train_file}, "
-          f"{stats['rows'] - len(fits)} dropped as longer than max_prompt_length; teachers: "
-          f"{stats['teachers_kept']} kept, {stats['teachers_dropped']} dropped as unverified")
+    if main_rank:
+        print(f"data: {stats['rows']} rows from {cfg.data.train_file}, "
+              f"{stats['rows'] - len(fits)} dropped as longer than max_prompt_length; teachers: "
+              f"{stats['teachers_kept']} kept, {stats['teachers_dropped']} dropped as unverified")
     if len(fits) < t.prompts_per_step:
         raise ValueError(f"{cfg.data.train_file}: {len(fits)} usable rows, fewer than "
                          f"train.prompts_per_step = {t.prompts_per_step}")
 
     ref_model = None
-    if t.beta > 0:  # a frozen copy of the starting policy, only when KL is asked for
-        import copy
-
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    model.train()
+    if t.beta > 0:  # a frozen copy of the STARTING policy, only when KL is asked for
+        ref_model = (load_model(cfg.model)[0] if ckpt else copy.deepcopy(policy))
+        ref_model.eval().requires_grad_(False)
+        if t.parallelism == "fsdp":
+            ref_model = wrap_model(ref_model, t)
+    policy.train()
+    # `policy` samples, scores and is saved; `model` (the same weights, wrapped by DDP or
+    # sharded by FSDP2, see section 12) runs the training step.
+    model = wrap_model(policy, t)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate,
                                   betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.weight_decay)
     updates_per_warmup = max(t.warmup_steps * t.num_minibatches, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda u: min(1.0, (u + 1) / updates_per_warmup))
+    if t.use_vllm:  # one engine per rank, on this rank's GPU, beside the policy
+        import vllm_engine
 
-    order, metrics_path, samples_path = [], out_dir / "metrics.jsonl", out_dir / "samples.jsonl"
-    metrics_path.write_text("")
+        policy.vllm_engine = vllm_engine.make_engine(
+            str(ckpt) if ckpt else model_path(cfg.model.name_or_path), cfg)
+
+    rngs = {"data": data_rng, "guidance": rng}
+    order, start = [], 1
+    metrics_path, samples_path = out_dir / "metrics.jsonl", out_dir / "samples.jsonl"
+    if ckpt:
+        state = load_checkpoint(ckpt, policy, optimizer, scheduler, rngs)
+        order, start = state["order"], state["step"] + 1
+        if main_rank:  # drop what the interrupted run logged after its last checkpoint
+            for path in (metrics_path, samples_path):
+                keep_lines_up_to_step(path, state["step"])
+            print(f"resumed from {ckpt} at step {start}")
+    elif main_rank:
+        metrics_path.write_text("")
+        samples_path.write_text("")
     last = {}
-    bar = tqdm(range(1, t.max_steps + 1), desc=out_dir.name, dynamic_ncols=True)
+    bar = tqdm(range(start, t.max_steps + 1), desc=out_dir.name, dynamic_ncols=True,
+               disable=not main_rank)
     for step in bar:
         tick = time.perf_counter()
-        # Sample prompts without replacement within an epoch; reshuffle at each epoch.
+        # Sample prompts without replacement within an epoch; reshuffle at each epoch. Every
+        # rank draws the same global batch and keeps its own contiguous share of it.
         while len(order) < t.prompts_per_step:
-            order += rng.sample(fits, len(fits))
+            order += data_rng.sample(fits, len(fits))
         idx, order = order[:t.prompts_per_step], order[t.prompts_per_step:]
+        per_rank = t.prompts_per_step // world
+        idx = idx[rank * per_rank:(rank + 1) * per_rank]
         batch_rows = [rows[i] for i in idx]
-        rollout, m = rollout_fn(model, tokenizer, batch_rows, [prompt_texts[i] for i in idx],
+        rollout, m = rollout_fn(policy, tokenizer, batch_rows, [prompt_texts[i] for i in idx],
                                 cfg, rng, step)
 
         tock = time.perf_counter()
         batch = build_batch(tokenizer, rollout, t)
         # pi_old: one no-grad pass before any update, needed once a step has a second update
         # (after the first optimizer step the policy differs from the one that sampled).
-        batch["old_logp"] = (sequence_logprobs(model, batch, t.micro_batch_size, t.temperature)
+        batch["old_logp"] = (sequence_logprobs(policy, batch, t.micro_batch_size, t.temperature)
                              if t.num_minibatches > 1 else None)
         batch["ref_logp"] = (sequence_logprobs(ref_model, batch, t.micro_batch_size,
                                                t.temperature) if ref_model is not None else None)
         m.update(train_on_batch(model, optimizer, scheduler, batch, t, cfg.ampo.shaping_gamma))
+        if t.use_vllm:  # the engine samples the next step with the weights just updated
+            vllm_engine.push_weights(policy.vllm_engine, model)
         m["time"]["train"] = time.perf_counter() - tock
 
         rewards = torch.tensor(rollout["rewards"]).view(-1, t.num_generations)  # [B, G]
         m["reward"] = float(rewards.mean())
         m["frac_reward_zero_std"] = float((rewards.std(-1) == 0).float().mean())
         m["lr"] = scheduler.get_last_lr()[0]
-        n_tokens = int(batch["completion_mask"].sum())
+        m["completion_tokens"] = int(batch["completion_mask"].sum())
         m["time"]["step"] = time.perf_counter() - tick
-        m["tokens_per_s"] = n_tokens / m["time"]["step"]
+        m = gather_metrics(m)  # over ranks: counts add up, rates and times average
+        m["tokens_per_s"] = m["completion_tokens"] / m["time"]["step"]
         m["step"] = step
         if cfg.eval.every and step % cfg.eval.every == 0 and cfg.eval.files:
-            m["eval"] = [evaluate(model, tokenizer, cfg, path) for path in cfg.eval.files]
-            tqdm.write(f"  eval: {m['eval']}")
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
-        bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}")
-        tqdm.write(log_line(step, m))
-        if cfg.log.sample_every and step % cfg.log.sample_every == 0:
+            m["eval"] = [evaluate(policy, tokenizer, cfg, path) for path in cfg.eval.files]
+            if main_rank:
+                tqdm.write(f"  eval: {m['eval']}")
+        if main_rank:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}")
+            tqdm.write(log_line(step, m))
+        if main_rank and cfg.log.sample_every and step % cfg.log.sample_every == 0:
             with open(samples_path, "a") as f:
                 for s in range(0, len(rollout["texts"]), t.num_generations):
                     f.write(json.dumps({"step": step, "problem": batch_rows[s // t.num_generations]["problem"],
@@ -1166,11 +1504,12 @@ def train(cfg: Config, rollout_fn=rollout_step, log_line=format_metrics,
                                         "completion": rollout["texts"][s],
                                         "reward": rollout["rewards"][s]}) + "\n")
             tqdm.write(f"  sample: {rollout['texts'][0][:200]!r} -> reward {rollout['rewards'][0]}")
-        if cfg.log.save_every and step % cfg.log.save_every == 0:
-            save_checkpoint(str(out_dir / "checkpoint"), model, tokenizer, optimizer, cfg, step)
+        if step == t.max_steps or (cfg.log.save_every and step % cfg.log.save_every == 0):
+            save_checkpoint(out_dir, step, policy, tokenizer, optimizer, scheduler, cfg,
+                            {"order": order}, rngs, cfg.log.keep_last)
         last = m
-    save_checkpoint(str(out_dir / "checkpoint"), model, tokenizer, optimizer, cfg, t.max_steps)
-    print(f"done: metrics in {metrics_path}, checkpoint in {out_dir / 'checkpoint'}")
+    if main_rank:
+        print(f"done: metrics in {metrics_path}, checkpoints in {out_dir}")
     return last
 
 
@@ -1181,22 +1520,24 @@ def main(argv=None, cls=Config, foreign=("ghpo",), run=None):
     parser.add_argument("--config", default=None, help="YAML file (default: built-in defaults)")
     parser.add_argument("--eval", action="store_true",
                         help="evaluate model.name_or_path on eval.files instead of training")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run from the newest checkpoint in log.output_dir")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides, cls, foreign)
-        if args.eval:
-            results = evaluate_files(cfg)
-    except (ValueError, FileNotFoundError) as e:
+        if not args.eval:
+            return (run or train)(cfg, resume=args.resume)
+        results = evaluate_files(cfg)
+    except (ValueError, FileNotFoundError) as e:  # bad config or data: the message names it
         sys.exit(f"error: {e}")
-    if args.eval:
+    if rank_and_world()[0] == 0:
         out = Path(cfg.log.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "eval.jsonl", "a") as f:
             for r in results:
                 print(json.dumps(r))
                 f.write(json.dumps({"model": cfg.model.name_or_path, **r}) + "\n")
-        return results
-    return (run or train)(cfg)
+    return results
 
 
 if __name__ == "__main__":

@@ -356,12 +356,12 @@ def format_metrics(step: int, m: dict) -> str:
             f"hints {t['hints']:.1f}s train {t['train']:.1f}s {m['tokens_per_s']:.0f} tok/s")
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, resume: bool = False) -> dict:
     """ampo.py's training loop with GHPO's rollout. Returns the last step's metrics."""
     check_config(cfg)
     hints_on = bool(cfg.ghpo.hint_ratios) and cfg.ghpo.start_hint_step < cfg.train.max_steps
     return ampo.train(cfg, rollout_fn=rollout_step, log_line=format_metrics,
-                      require_solution=hints_on)
+                      require_solution=hints_on, resume=resume)
 
 
 def main(argv=None):

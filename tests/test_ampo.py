@@ -495,8 +495,8 @@ def test_train_end_to_end_tiny(tiny_model_dir, tmp_path, trigger):
         assert all(x["reward"] >= 0.5 for x in lines)
     else:  # the GRPO baseline never touches a teacher
         assert all("guided_frac" not in x for x in lines)
-    ckpt = tmp_path / "run" / "checkpoint"
-    assert json.load(open(ckpt / "trainer_state.json"))["step"] == 2
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"] == 2
     reloaded = ampo.load_config(str(ckpt / "config.yaml"))
     assert reloaded.ampo.trigger == trigger
     model, _ = ampo.load_model(ampo.ModelConfig(name_or_path=str(ckpt)))
@@ -514,7 +514,7 @@ def test_default_config_end_to_end(tmp_path):
     last = ampo.train(cfg)
     lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert len(lines) == 2 and "guided_frac" in last and math.isfinite(last["loss"])
-    assert (tmp_path / "run" / "checkpoint" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "checkpoint-2" / "model.safetensors").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,3 +587,76 @@ def test_eval_command_and_periodic_eval(tiny_model_dir, tmp_path):
     ampo.train(cfg)
     lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert all(x["eval"][0]["problems"] == 4 and "pass@2" in x["eval"][0] for x in lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and resume
+# ---------------------------------------------------------------------------------------------
+
+
+def _without_times(lines):
+    return [{k: v for k, v in x.items() if k not in ("time", "tokens_per_s")} for x in lines]
+
+
+def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_model_dir, tmp_path):
+    """Four steps straight, against two steps, a crash inside step 3, and `--resume`.
+
+    Everything random is in play: the hybrid trigger and substitution slots (guidance
+    generator), sampling (torch), the data order (one prompt a step over four rows: the
+    checkpoint falls mid-epoch, a new epoch starts at step 5), two updates a step (Adam
+    moments, pi_old) and a KL term against the starting weights.
+    """
+    def config(run):
+        cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=5, prompts_per_step=1,
+                          num_minibatches=2, beta=0.01)
+        cfg.ampo.trigger = "hybrid"
+        cfg.ampo.hybrid_prob = 0.5
+        cfg.log.output_dir = str(tmp_path / run)
+        cfg.log.save_every, cfg.log.keep_last = 3, 1
+        return cfg
+
+    ampo.train(config("straight"))
+
+    def crash_at_step_4(*args):
+        if args[-1] == 4:
+            raise KeyboardInterrupt("killed")
+        return ampo.rollout_step(*args)
+
+    with pytest.raises(KeyboardInterrupt):
+        ampo.train(config("resumed"), rollout_fn=crash_at_step_4)
+    assert [p.name for p in ampo.checkpoint_dirs(tmp_path / "resumed")] == ["checkpoint-3"]
+    ampo.train(config("resumed"), resume=True)
+
+    straight, resumed = ([json.loads(x) for x in open(tmp_path / run / "metrics.jsonl")]
+                         for run in ("straight", "resumed"))
+    assert [x["step"] for x in resumed] == [1, 2, 3, 4, 5]
+    assert _without_times(resumed) == _without_times(straight)
+    assert any(x.get("guided_frac", 0) > 0 for x in straight)  # the guidance draws mattered
+    # keep_last 1: only the newest checkpoint is left, and no half-written folder
+    for run in ("straight", "resumed"):
+        assert sorted(p.name for p in (tmp_path / run).iterdir()
+                      if p.name.startswith("checkpoint")) == ["checkpoint-5"]
+    a, b = (ampo.load_model(ampo.ModelConfig(name_or_path=str(tmp_path / run / "checkpoint-5")))[0]
+            for run in ("straight", "resumed"))
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    opt_a, opt_b = (torch.load(tmp_path / run / "checkpoint-5" / "optimizer.pt", weights_only=True)
+                    for run in ("straight", "resumed"))
+    for key, s in opt_a["state"].items():
+        assert torch.equal(s["exp_avg_sq"], opt_b["state"][key]["exp_avg_sq"]), key
+
+
+def test_resume_without_a_checkpoint_is_an_error(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        ampo.main(["--resume", f"--model.name_or_path={tiny_model_dir}",
+                   f"--log.output_dir={tmp_path / 'empty'}"])
+
+
+def test_merge_rank_metrics_adds_counts_and_averages_rates():
+    per_rank = [{"accuracy": 0.25, "teachers_picked": {"a": 2}, "hard_frac": [1.0, 0.5],
+                 "comprehension_mean": float("nan"), "time": {"step": 2.0}, "completion_tokens": 10},
+                {"accuracy": 0.75, "teachers_picked": {"a": 1, "b": 4}, "hard_frac": [0.5, 0.0],
+                 "comprehension_mean": 0.4, "time": {"step": 4.0}, "completion_tokens": 20}]
+    assert ampo.merge_rank_metrics(per_rank) == {
+        "accuracy": 0.5, "teachers_picked": {"a": 3, "b": 4}, "hard_frac": [0.75, 0.25],
+        "comprehension_mean": 0.4, "time": {"step": 3.0}, "completion_tokens": 30}

@@ -352,7 +352,7 @@ def test_ghpo_train_end_to_end_tiny(tiny_model_dir, tmp_path):
     assert set(lines[1]["time"]) >= {"generate", "hints", "train", "step"}
     samples = [json.loads(x) for x in open(tmp_path / "run" / "samples.jsonl")]
     assert {s["source"] for s in samples} == {"policy", "hint-0.75"}
-    ckpt = tmp_path / "run" / "checkpoint"
+    ckpt = tmp_path / "run" / "checkpoint-2"
     reloaded = ampo.load_config(str(ckpt / "config.yaml"), cls=ghpo.Config, foreign=("ampo",))
     assert reloaded.ghpo.start_hint_step == 1 and reloaded.train.loss_type == "dapo"
     assert last["step"] == 2
@@ -381,4 +381,4 @@ def test_default_config_end_to_end(tmp_path):
     last = ghpo.train(cfg)
     assert len(last["hard_frac"]) == 4 and len(last["rescued_frac"]) == 3
     assert sum(last["hint_hist"].values()) == 2 and math.isfinite(last["loss"])
-    assert (tmp_path / "run" / "checkpoint" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "checkpoint-1" / "model.safetensors").exists()
