@@ -1466,6 +1466,8 @@ def train(cfg: Config, rollout_fn=rollout_step, log_line=format_metrics,
                                 cfg, rng, step)
 
         tock = time.perf_counter()
+        if t.use_vllm and t.vllm_enable_sleep_mode:  # hand the engine's GPU memory to training
+            vllm_engine.sleep(policy.vllm_engine)
         batch = build_batch(tokenizer, rollout, t)
         # pi_old: one no-grad pass before any update, needed once a step has a second update
         # (after the first optimizer step the policy differs from the one that sampled).
@@ -1475,7 +1477,9 @@ def train(cfg: Config, rollout_fn=rollout_step, log_line=format_metrics,
                                                t.temperature) if ref_model is not None else None)
         m.update(train_on_batch(model, optimizer, scheduler, batch, t, cfg.ampo.shaping_gamma))
         if t.use_vllm:  # the engine samples the next step with the weights just updated
-            vllm_engine.push_weights(policy.vllm_engine, model)
+            if t.vllm_enable_sleep_mode:
+                vllm_engine.wake_up(policy.vllm_engine)
+            vllm_engine.push_weights(policy.vllm_engine, policy)
         m["time"]["train"] = time.perf_counter() - tock
 
         rewards = torch.tensor(rollout["rewards"]).view(-1, t.num_generations)  # [B, G]
