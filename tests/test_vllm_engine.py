@@ -1,0 +1,73 @@
+"""vllm_engine.py: the pure helpers on CPU; the engine itself only where vLLM and a GPU are."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ampo
+import vllm_engine
+
+
+def test_importing_the_trainer_never_imports_vllm():
+    code = "import sys, ampo, ghpo, vllm_engine; print('vllm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_wrapper_prefixes_are_stripped_from_every_parameter_name(tiny_model_dir):
+    model, _ = ampo.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
+    plain = [n for n, _ in model.named_parameters()]
+    ddp_compiled = [f"module._orig_mod.{n}" for n in plain]  # DDP around torch.compile
+    assert [vllm_engine.hf_param_name(n) for n in ddp_compiled] == plain
+    assert [vllm_engine.hf_param_name(n) for n in plain] == plain
+
+
+def test_to_completion_keeps_one_stop_token_and_flags_truncation():
+    assert vllm_engine.to_completion([4, 9, 2, 7], "stop", eos_id=2) == ([4, 9, 2], False)
+    assert vllm_engine.to_completion((4, 9), "stop", eos_id=2) == ([4, 9, 2], False)
+    assert vllm_engine.to_completion([4, 9, 9], "length", eos_id=2) == ([4, 9, 9], True)
+
+
+def test_engine_settings_follow_the_config(monkeypatch):
+    cfg = ampo.load_config("configs/ampo_qwen2.5-1.5b-instruct_1gpu.yaml")
+    cfg.train.vllm_max_model_len = 0  # 0: prompt + completion budget
+    monkeypatch.delenv("RANK", raising=False)
+    s = vllm_engine.engine_settings("/models/q", cfg)
+    assert (s["model"], s["max_model_len"], s["gpu_memory_utilization"]) == ("/models/q", 9216, 0.3)
+    assert (s["distributed_executor_backend"], s["seed"], s["dtype"]) == ("uni", 42, "bfloat16")
+    monkeypatch.setenv("RANK", "3")  # under torchrun: join its processes, another seed
+    s = vllm_engine.engine_settings("/models/q", cfg)
+    assert (s["distributed_executor_backend"], s["seed"]) == ("external_launcher", 45)
+
+
+def test_use_vllm_without_vllm_is_a_clear_error(tiny_model_dir):
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match="train.use_vllm"):
+        vllm_engine.make_engine(tiny_model_dir, ampo.Config())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_vllm_generate_matches_the_hf_contract_and_takes_new_weights(tiny_model_dir):
+    pytest.importorskip("vllm")
+    cfg = ampo.Config()
+    cfg.model.name_or_path = tiny_model_dir
+    cfg.train.max_completion_length, cfg.data.max_prompt_length = 16, 64
+    model, tok = ampo.load_model(cfg.model)
+    engine = vllm_engine.make_engine(tiny_model_dir, cfg)
+    prompts = [ampo.build_prompt(tok, {"problem": "What is 2 + 3?"}, "{problem}", None)] * 2
+    completions, truncated = vllm_engine.generate(engine, tok, prompts, 4, 16)
+    assert len(completions) == 8 and len(truncated) == 8
+    for c, cut in zip(completions, truncated):
+        assert cut or c[-1] == tok.eos_token_id
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    vllm_engine.push_weights(engine, model)  # all-zero weights: logits tie, still runs
+    assert len(vllm_engine.generate(engine, tok, prompts, 1, 4)[0]) == 2

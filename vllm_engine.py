@@ -1,0 +1,159 @@
+"""Colocated vLLM rollouts for ampo.py and ghpo.py (optional, GPU only).
+
+    pip install -r requirements-vllm.txt          # after requirements.txt, on a GPU machine
+    python ampo.py --config configs/ampo_qwen2.5-1.5b-instruct_1gpu.yaml   # train.use_vllm: true
+
+Why a second module: HF `generate` (ampo.py section 4) is the readable reference and the
+fallback everywhere; vLLM samples the same answers many times faster, but drags in its own
+pinned torch and transformers and breaks transformers' model loading on a CPU-only machine.
+So every vLLM call lives here, vllm is imported inside the functions that need it, and
+importing this file (or ampo.py) never imports vllm.
+
+The engine is colocated: under torchrun each rank builds its own engine on its own GPU, beside
+the policy it trains, and samples its own prompts (whole groups, see ampo.py section 12). After
+every optimizer step the policy's new weights are copied into the engine in place, one tensor
+at a time, and the engine's prefix cache is dropped (its KV entries were computed with the old
+weights). With sleep mode the engine gives its GPU memory back during the training step.
+
+Written against vLLM's public `LLM` API (constructor, generate, sleep, wake_up,
+reset_prefix_cache) and the in-process model path that TRL's GRPOTrainer uses in its
+"colocate" mode. Not run here: this project's machines have no GPU and no vLLM (see README).
+"""
+
+from __future__ import annotations
+
+import os
+
+# =============================================================================================
+# Pure helpers (tested on CPU, tests/test_vllm_engine.py)
+# =============================================================================================
+
+# Wrappers add these parts to parameter names: DDP ("module"), torch.compile ("_orig_mod"),
+# activation checkpointing ("_checkpoint_wrapped_module"). vLLM knows the plain HF names.
+WRAPPER_PARTS = {"module", "_orig_mod", "_checkpoint_wrapped_module"}
+
+
+def hf_param_name(name: str) -> str:
+    """The Hugging Face name of a (possibly wrapped) parameter.
+
+    >>> hf_param_name("module.model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight")
+    'model.layers.0.mlp.up_proj.weight'
+    """
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_PARTS)
+
+
+def to_completion(token_ids: list[int], finish_reason: str | None, eos_id: int):
+    """One vLLM output as ampo.generate returns it: (tokens up to and including the first stop
+    token, truncated). vLLM stops on EOS and, by default, keeps it in token_ids; the policy must
+    learn to stop, so it must stay (and is put back if a setting removed it).
+
+    >>> to_completion([5, 6, 2], "stop", eos_id=2), to_completion([5, 6], "stop", eos_id=2)
+    (([5, 6, 2], False), ([5, 6, 2], False))
+    >>> to_completion([5, 6, 7], "length", eos_id=2)
+    ([5, 6, 7], True)
+    """
+    tokens = list(token_ids)
+    if finish_reason == "length":
+        return tokens, True
+    if eos_id in tokens:
+        return tokens[:tokens.index(eos_id) + 1], False
+    return tokens + [eos_id], False
+
+
+def engine_settings(model_path: str, cfg) -> dict:
+    """The keyword arguments of vllm.LLM for this rank (cfg is ampo's Config)."""
+    t = cfg.train
+    under_torchrun = "RANK" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    return dict(
+        model=model_path,
+        # One engine per rank, each on its own GPU (no tensor parallelism): the ranks already
+        # split the prompts. "external_launcher" tells vLLM that torchrun started the processes,
+        # so it joins them instead of spawning workers of its own.
+        tensor_parallel_size=1,
+        distributed_executor_backend="external_launcher" if under_torchrun else "uni",
+        # The engine shares the GPU with training: take an explicit share, never vLLM's 0.9.
+        gpu_memory_utilization=t.vllm_gpu_memory_utilization,
+        max_model_len=t.vllm_max_model_len or (cfg.data.max_prompt_length
+                                               + t.max_completion_length),
+        enable_sleep_mode=t.vllm_enable_sleep_mode,
+        # G answers per prompt share their prompt: the prefix cache computes it once.
+        enable_prefix_caching=True,
+        dtype="bfloat16" if t.bf16 else "auto",
+        seed=t.seed + rank,  # different answers on different ranks
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+
+
+# =============================================================================================
+# The vLLM block: every call into vllm is below
+# =============================================================================================
+
+
+def make_engine(model_path: str, cfg):
+    """A vllm.LLM on this rank's GPU, with the settings of engine_settings()."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError("config key train.use_vllm: vLLM is not installed; "
+                          "pip install -r requirements-vllm.txt on a GPU machine") from e
+    # Keep the engine's model in this process (push_weights writes into it directly); vLLM
+    # turns its engine-core process off by itself under external_launcher, not otherwise.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    engine = vllm.LLM(**engine_settings(model_path, cfg))
+    engine.sleep_mode = cfg.train.vllm_enable_sleep_mode
+    return engine
+
+
+def generate(engine, tokenizer, prompts: list[str], num_generations: int, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0):
+    """ampo.generate's contract: (completions, truncated), G per prompt, in prompt order."""
+    from vllm import SamplingParams
+
+    # The prompts are chat-formatted text already: token ids exactly as ampo.generate makes
+    # them (no extra BOS), so the training pass sees the very tokens that were sampled from.
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    params = SamplingParams(n=num_generations, temperature=temperature, top_p=top_p, top_k=-1,
+                            max_tokens=max_new_tokens, stop_token_ids=[tokenizer.eos_token_id])
+    outputs = engine.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+    completions, truncated = [], []
+    for out in outputs:  # one RequestOutput per prompt, in order, with n samples each
+        for sample in out.outputs:
+            tokens, cut = to_completion(sample.token_ids, sample.finish_reason,
+                                        tokenizer.eos_token_id)
+            completions.append(tokens)
+            truncated.append(cut)
+    return completions, truncated
+
+
+def push_weights(engine, policy):
+    """Copy the policy's weights into the engine, in place, after an optimizer step.
+
+    Every rank must call it: under FSDP2 each parameter is a DTensor shard, and full_tensor()
+    gathers it from all ranks. Gathering one tensor at a time keeps the peak at one full tensor
+    (not a whole second model) on top of training's memory.
+    """
+    from torch.distributed.tensor import DTensor
+
+    # The engine's model, in this process (external_launcher and the single-process executor
+    # both run the worker in-process): the path TRL's colocate mode uses.
+    model = engine.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    for name, param in policy.state_dict().items():
+        full = param.full_tensor() if isinstance(param, DTensor) else param
+        model.load_weights([(hf_param_name(name), full.detach())])
+        del full
+    # Cached KV blocks were computed by the old weights: drop them.
+    engine.reset_prefix_cache()
+
+
+def sleep(engine):
+    """Free the engine's GPU memory for the training step (level 1: weights to CPU RAM, KV
+    cache discarded). A no-op without vllm_enable_sleep_mode."""
+    if engine.sleep_mode:
+        engine.sleep(level=1)
+
+
+def wake_up(engine):
+    """Bring weights and KV cache back before push_weights and the next rollout."""
+    if engine.sleep_mode:
+        engine.wake_up()
