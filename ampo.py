@@ -1038,7 +1038,6 @@ def evaluate_files(cfg: Config, model=None, tokenizer=None) -> list[dict]:
     return [evaluate(model, tokenizer, cfg, path) for path in cfg.eval.files]
 
 
-
 # A checkpoint is everything the run needs to continue as if it had never stopped: weights,
 # optimizer moments, the learning-rate schedule, the step, the data order still to come, every
 # random generator (one set per rank) and the config. `--resume` reloads the newest one; the

@@ -16,8 +16,12 @@ at a time, and the engine's prefix cache is dropped (its KV entries were compute
 weights). With sleep mode the engine gives its GPU memory back during the training step.
 
 Written against vLLM's public `LLM` API (constructor, generate, sleep, wake_up,
-reset_prefix_cache) and the in-process model path that TRL's GRPOTrainer uses in its
-"colocate" mode. Not run here: this project's machines have no GPU and no vLLM (see README).
+reset_prefix_cache) and its V1 engine source: vllm/v1/engine/llm_engine.py exposes
+`model_executor` only when the engine core runs in-process, and ParallelConfig turns
+VLLM_ENABLE_V1_MULTIPROCESSING off by itself under external_launcher; the model then sits at
+`model_executor.driver_worker.worker.model_runner.model`, the path TRL's colocate mode uses.
+The 0.32.0 tag itself could not be read from here (recent copies of those files were). Not run
+here: this project's machines have no GPU and no vLLM (see README).
 """
 
 from __future__ import annotations
