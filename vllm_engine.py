@@ -15,13 +15,18 @@ every optimizer step the policy's new weights are copied into the engine in plac
 at a time, and the engine's prefix cache is dropped (its KV entries were computed with the old
 weights). With sleep mode the engine gives its GPU memory back during the training step.
 
-Written against vLLM's public `LLM` API (constructor, generate, sleep, wake_up,
-reset_prefix_cache) and its V1 engine source: vllm/v1/engine/llm_engine.py exposes
-`model_executor` only when the engine core runs in-process, and ParallelConfig turns
-VLLM_ENABLE_V1_MULTIPROCESSING off by itself under external_launcher; the model then sits at
-`model_executor.driver_worker.worker.model_runner.model`, the path TRL's colocate mode uses.
-The 0.32.0 tag itself could not be read from here (recent copies of those files were). Not run
-here: this project's machines have no GPU and no vLLM (see README).
+What this was checked against (vllm==0.32.0 is pinned; its tag could not be read here: the
+vLLM repository snapshot is over this project's fetch limit, so recent stored copies of the
+same files were read instead, next to TRL's colocate mode, trl/generation/vllm_generation.py):
+  - vllm/config/parallel.py: external_launcher sets VLLM_ENABLE_V1_MULTIPROCESSING=0 itself;
+  - vllm/v1/engine/llm_engine.py: `model_executor` exists only when the engine core runs
+    in-process, and vLLM reaches its own model as model_executor.driver_worker.model_runner
+    .model (`_get_driver_model_for_cleanup`), the path TRL's load_weights call uses too;
+  - vllm/v1/core/sched/utils.py (check_stop): the stop token stays in token_ids, and EOS is
+    tested before max_tokens, so an EOS sampled as the last allowed token is a "stop";
+  - vllm/sampling_params.py: top_k 0 disables top-k (-1 is still accepted);
+    update_from_generation_config adds the generation config's other EOS ids as stop tokens.
+Not run here: this project's machines have no vLLM (see README).
 """
 
 from __future__ import annotations
@@ -46,44 +51,59 @@ def hf_param_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in WRAPPER_PARTS)
 
 
-def to_completion(token_ids: list[int], finish_reason: str | None, eos_id: int):
-    """One vLLM output as ampo.generate returns it: (tokens up to and including the first stop
-    token, truncated). vLLM stops on EOS and, by default, keeps it in token_ids; the policy must
-    learn to stop, so it must stay (and is put back if a setting removed it).
+def to_completion(token_ids, finish_reason: str | None, eos_id: int):
+    """One vLLM sample as ampo.generate returns it: (tokens up to and including the first stop
+    token, truncated).
 
-    >>> to_completion([5, 6, 2], "stop", eos_id=2), to_completion([5, 6], "stop", eos_id=2)
-    (([5, 6, 2], False), ([5, 6, 2], False))
+    vLLM keeps the stop token in token_ids (the policy must learn to stop, so it must stay).
+    "length" means max_tokens (or max_model_len) ran out first: truncated. A "stop" may end on
+    a token other than eos_id: vLLM also stops on the model's generation_config EOS ids (Qwen2.5
+    Instruct: <|endoftext|> beside <|im_end|>). That token was sampled, so it stays as it is;
+    nothing is appended that the policy did not sample.
+
+    >>> to_completion([5, 6, 2], "stop", eos_id=2), to_completion([5, 6, 3], "stop", eos_id=2)
+    (([5, 6, 2], False), ([5, 6, 3], False))
     >>> to_completion([5, 6, 7], "length", eos_id=2)
     ([5, 6, 7], True)
     """
     tokens = list(token_ids)
-    if finish_reason == "length":
-        return tokens, True
-    if eos_id in tokens:
-        return tokens[:tokens.index(eos_id) + 1], False
-    return tokens + [eos_id], False
+    if eos_id in tokens:  # vLLM stops at the first EOS, so this only guards the contract
+        tokens = tokens[:tokens.index(eos_id) + 1]
+        return tokens, False
+    return tokens, finish_reason == "length"
 
 
 def engine_settings(model_path: str, cfg) -> dict:
     """The keyword arguments of vllm.LLM for this rank (cfg is ampo's Config)."""
     t = cfg.train
     under_torchrun = "RANK" in os.environ
-    rank = int(os.environ.get("RANK", 0))
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     return dict(
         model=model_path,
         # One engine per rank, each on its own GPU (no tensor parallelism): the ranks already
         # split the prompts. "external_launcher" tells vLLM that torchrun started the processes,
-        # so it joins them instead of spawning workers of its own.
+        # so it joins them instead of spawning workers of its own; "uni" runs one worker here.
         tensor_parallel_size=1,
         distributed_executor_backend="external_launcher" if under_torchrun else "uni",
         # The engine shares the GPU with training: take an explicit share, never vLLM's 0.9.
         gpu_memory_utilization=t.vllm_gpu_memory_utilization,
+        # Without it vLLM sizes for the model's full context (32k for Qwen2.5) and may not fit.
         max_model_len=t.vllm_max_model_len or (cfg.data.max_prompt_length
                                                + t.max_completion_length),
         enable_sleep_mode=t.vllm_enable_sleep_mode,
         # G answers per prompt share their prompt: the prefix cache computes it once.
         enable_prefix_caching=True,
-        dtype="bfloat16" if t.bf16 else "auto",
+        # Sample in the dtype the policy computes in (train.bf16: bfloat16 matmuls).
+        dtype="bfloat16" if t.bf16 else cfg.model.dtype,
+        # TRL's colocate value: vLLM's start-up memory profile of a larger prefill chunk
+        # reserves activations that the KV cache then lacks (trl vllm_generation.py). Longer
+        # prompts are prefilled in chunks.
+        max_num_batched_tokens=4096,
+        # A whole step's rollouts (or one eval batch) decode together; the KV cache, sized by
+        # gpu_memory_utilization, is the real bound (vLLM preempts when it runs out). vLLM
+        # wants at most max_num_batched_tokens of them.
+        max_num_seqs=min(max(t.prompts_per_step // world * t.num_generations,
+                             cfg.eval.prompts_per_batch * cfg.eval.num_samples, 1), 4096),
         seed=t.seed + rank,  # different answers on different ranks
         trust_remote_code=cfg.model.trust_remote_code,
     )
@@ -101,11 +121,11 @@ def make_engine(model_path: str, cfg):
     except ImportError as e:
         raise ImportError("config key train.use_vllm: vLLM is not installed; "
                           "pip install -r requirements-vllm.txt on a GPU machine") from e
-    # Keep the engine's model in this process (push_weights writes into it directly); vLLM
-    # turns its engine-core process off by itself under external_launcher, not otherwise.
+    # Keep the engine core in this process, so push_weights can write into its model. vLLM
+    # does this itself under external_launcher (vllm/config/parallel.py), not for "uni".
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     engine = vllm.LLM(**engine_settings(model_path, cfg))
-    engine.sleep_mode = cfg.train.vllm_enable_sleep_mode
+    engine.sleep_mode = cfg.train.vllm_enable_sleep_mode  # read by sleep() and wake_up()
     return engine
 
 
@@ -117,7 +137,9 @@ def generate(engine, tokenizer, prompts: list[str], num_generations: int, max_ne
     # The prompts are chat-formatted text already: token ids exactly as ampo.generate makes
     # them (no extra BOS), so the training pass sees the very tokens that were sampled from.
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    params = SamplingParams(n=num_generations, temperature=temperature, top_p=top_p, top_k=-1,
+    # Plain sampling as in ampo.generate: top_k 0 (off), no repetition penalty; vLLM takes the
+    # model's generation_config defaults only when no SamplingParams is given.
+    params = SamplingParams(n=num_generations, temperature=temperature, top_p=top_p, top_k=0,
                             max_tokens=max_new_tokens, stop_token_ids=[tokenizer.eos_token_id])
     outputs = engine.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
     completions, truncated = [], []
@@ -137,15 +159,18 @@ def push_weights(engine, policy):
     gathers it from all ranks. Gathering one tensor at a time keeps the peak at one full tensor
     (not a whole second model) on top of training's memory.
     """
+    import torch
     from torch.distributed.tensor import DTensor
 
-    # The engine's model, in this process (external_launcher and the single-process executor
-    # both run the worker in-process): the path TRL's colocate mode uses.
-    model = engine.llm_engine.model_executor.driver_worker.worker.model_runner.model
-    for name, param in policy.state_dict().items():
-        full = param.full_tensor() if isinstance(param, DTensor) else param
-        model.load_weights([(hf_param_name(name), full.detach())])
-        del full
+    # The engine's model, in this process (see make_engine); vLLM's and TRL's own path to it.
+    model = engine.llm_engine.model_executor.driver_worker.model_runner.model
+    with torch.no_grad():
+        for name, param in policy.state_dict().items():
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            # load_weights maps HF names to vLLM's fused layers (q/k/v -> qkv_proj) and casts
+            # to the engine's dtype; a tied lm_head.weight is skipped by the model itself.
+            model.load_weights([(hf_param_name(name), full)])
+            del full
     # Cached KV blocks were computed by the old weights: drop them.
     engine.reset_prefix_cache()
 

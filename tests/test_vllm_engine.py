@@ -25,10 +25,24 @@ def test_wrapper_prefixes_are_stripped_from_every_parameter_name(tiny_model_dir)
     assert [vllm_engine.hf_param_name(n) for n in plain] == plain
 
 
-def test_to_completion_keeps_one_stop_token_and_flags_truncation():
-    assert vllm_engine.to_completion([4, 9, 2, 7], "stop", eos_id=2) == ([4, 9, 2], False)
-    assert vllm_engine.to_completion((4, 9), "stop", eos_id=2) == ([4, 9, 2], False)
+def test_to_completion_keeps_the_sampled_stop_token_and_flags_truncation():
+    # vLLM ends a stopped sample with its stop token (check_stop keeps it in token_ids).
+    assert vllm_engine.to_completion([4, 9, 2], "stop", eos_id=2) == ([4, 9, 2], False)
+    assert vllm_engine.to_completion((4, 9, 2), "stop", eos_id=2) == ([4, 9, 2], False)
+    # A stop on another generation_config EOS id (3): kept as sampled, nothing appended.
+    assert vllm_engine.to_completion([4, 9, 3], "stop", eos_id=2) == ([4, 9, 3], False)
+    # Out of tokens: truncated, as in ampo.generate (no stop token in the row).
     assert vllm_engine.to_completion([4, 9, 9], "length", eos_id=2) == ([4, 9, 9], True)
+    # The contract cuts after the first EOS, whatever follows it.
+    assert vllm_engine.to_completion([4, 2, 7], "stop", eos_id=2) == ([4, 2], False)
+
+
+def test_to_completion_matches_the_hf_path_row_by_row():
+    # ampo.generate's rule on a padded HF row: keep up to and including the first EOS;
+    # truncated when the row has none. vLLM's rows have no padding after the stop.
+    for row, reason in [([7, 8, 2], "stop"), ([7, 8, 9, 5], "length"), ([2], "stop")]:
+        cut = row.index(2) + 1 if 2 in row else len(row)
+        assert vllm_engine.to_completion(row, reason, eos_id=2) == (row[:cut], 2 not in row)
 
 
 def test_engine_settings_follow_the_config(monkeypatch):
@@ -36,11 +50,17 @@ def test_engine_settings_follow_the_config(monkeypatch):
     cfg.train.vllm_max_model_len = 0  # 0: prompt + completion budget
     monkeypatch.delenv("RANK", raising=False)
     s = vllm_engine.engine_settings("/models/q", cfg)
-    assert (s["model"], s["max_model_len"], s["gpu_memory_utilization"]) == ("/models/q", 9216, 0.3)
+    assert (s["model"], s["max_model_len"]) == ("/models/q", 9216)
+    assert s["gpu_memory_utilization"] == 0.3
     assert (s["distributed_executor_backend"], s["seed"], s["dtype"]) == ("uni", 42, "bfloat16")
+    assert s["max_num_seqs"] == 32 * 8  # prompts_per_step x G, all on this one rank
     monkeypatch.setenv("RANK", "3")  # under torchrun: join its processes, another seed
+    monkeypatch.setenv("WORLD_SIZE", "4")
     s = vllm_engine.engine_settings("/models/q", cfg)
     assert (s["distributed_executor_backend"], s["seed"]) == ("external_launcher", 45)
+    assert s["max_num_seqs"] == 32 // 4 * 8  # this rank's share of the prompts x G
+    cfg.train.bf16, cfg.model.dtype = False, "float16"  # no bf16 compute: the model's dtype
+    assert vllm_engine.engine_settings("/models/q", cfg)["dtype"] == "float16"
 
 
 def test_use_vllm_without_vllm_is_a_clear_error(tiny_model_dir):
@@ -64,8 +84,11 @@ def test_vllm_generate_matches_the_hf_contract_and_takes_new_weights(tiny_model_
     prompts = [ampo.build_prompt(tok, {"problem": "What is 2 + 3?"}, "{problem}", None)] * 2
     completions, truncated = vllm_engine.generate(engine, tok, prompts, 4, 16)
     assert len(completions) == 8 and len(truncated) == 8
+    # vLLM also stops on the generation config's EOS ids (vllm_engine.to_completion).
+    extra = engine.llm_engine.model_config.try_get_generation_config().get("eos_token_id") or []
+    stops = {tok.eos_token_id, *([extra] if isinstance(extra, int) else extra)}
     for c, cut in zip(completions, truncated):
-        assert cut or c[-1] == tok.eos_token_id
+        assert (len(c) == 16) if cut else (c[-1] in stops)  # stop token kept, or out of tokens
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
