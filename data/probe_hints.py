@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ampo  # noqa: E402
+import infra  # noqa: E402
 import ghpo  # noqa: E402
 import verify  # noqa: E402
 
@@ -38,17 +39,17 @@ def main():
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--samples", type=int, default=8)
     args = parser.parse_args()
-    cfg = ampo.load_config(args.config, [], ghpo.Config, ("ampo",))
+    cfg = infra.load_config(args.config, [], ghpo.Config, ("ampo",))
     torch.manual_seed(cfg.train.seed)
-    model, tok = ampo.load_model(cfg.model)
-    rows, _ = ampo.load_dataset(cfg.data.train_file, 0, 0, require_solution=True)
+    model, tok = infra.load_model(cfg.model)
+    rows, _ = infra.load_dataset(cfg.data.train_file, 0, 0, require_solution=True)
     rows = rows[:args.rows]
     t, G = cfg.train, args.samples
     print(f"{len(rows)} rows x {G} samples, T={t.temperature}, up to {t.max_completion_length} "
           f"tokens, {cfg.model.name_or_path}")
     print("ratio   boxed  correct  right-but-unboxed  groups-solved")
     for ratio in [0.0] + list(cfg.ghpo.hint_ratios):
-        prompts = [ampo.build_prompt(tok, r, cfg.data.prompt_template, cfg.data.system_prompt)
+        prompts = [infra.build_prompt(tok, r, cfg.data.prompt_template, cfg.data.system_prompt)
                    if ratio == 0 else ghpo.hinted_prompt_text(tok, r, cfg, ratio)[0]
                    for r in rows]
         completions, _ = ampo.generate(model, tok, prompts, G, t.max_completion_length,

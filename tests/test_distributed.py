@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import ampo
+import infra
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
@@ -41,9 +42,9 @@ def test_two_ranks_update_like_one_process(tiny_model_dir, tmp_path, loss_type, 
     run([WORKER, "step", tiny_model_dir, str(one), loss_type, "ddp"])
     run([WORKER, "step", tiny_model_dir, str(two), loss_type, parallelism], nproc=2)
     assert (two / "checkpoint-1" / "rng_state_1.pt").exists()  # every rank saves its generators
-    a, b = (ampo.load_model(ampo.ModelConfig(name_or_path=str(p / "checkpoint-1")))[0]
+    a, b = (infra.load_model(ampo.ModelConfig(name_or_path=str(p / "checkpoint-1")))[0]
             for p in (one, two))
-    start, _ = ampo.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
+    start, _ = infra.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
     moved = 0.0
     for (name, p), q, before in zip(a.named_parameters(), b.parameters(), start.parameters()):
         torch.testing.assert_close(q, p, atol=2e-6, rtol=1e-5, msg=name)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ampo
+import infra
 import ghpo
 
 SOLUTION = "First, 12 + 30 = 42.\nNext, 42 - 2 = 40.\nSo the answer is \\boxed{40}."
@@ -47,7 +48,7 @@ def test_strip_final_answer_cases():
 
 
 def test_hint_prefix_by_tokens(tiny_model_dir):
-    _, tok = ampo.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
+    _, tok = infra.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
     source = ghpo.strip_final_answer(SOLUTION)
     enc = tok(source, add_special_tokens=False, return_offsets_mapping=True)
     n = len(enc["input_ids"])
@@ -75,7 +76,7 @@ def hinted_cfg(tmp_path, max_prompt_length=1024, **ghpo_keys):
 
 
 def test_hinted_prompt_text_is_the_chat_prompt_with_the_hint(tiny_model_dir, tmp_path):
-    _, tok = ampo.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
+    _, tok = infra.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
     row = {"problem": "What is 12 + 30 - 2?", "messages": None, "answer": "40",
            "solution": SOLUTION}
     cfg = hinted_cfg(tmp_path)
@@ -94,7 +95,7 @@ def test_hinted_prompt_text_is_the_chat_prompt_with_the_hint(tiny_model_dir, tmp
 
 
 def test_long_hint_is_cut_to_fit_max_prompt_length(tiny_model_dir, tmp_path):
-    _, tok = ampo.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
+    _, tok = infra.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
     row = {"problem": "What is 1 + 1?", "messages": None, "answer": "2",
            "solution": "Add the tens. Add the ones. " * 30 + "\\boxed{2}"}
     full, _ = ghpo.hinted_prompt_text(tok, row, hinted_cfg(tmp_path), 0.75)
@@ -190,13 +191,13 @@ def scripted_generate(tok):
 
 
 def scripted_rollout(tiny_model_dir, tmp_path, monkeypatch, **ghpo_keys):
-    model, tok = ampo.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
+    model, tok = infra.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
     monkeypatch.setattr(ampo, "generate", scripted_generate(tok))
     cfg = hinted_cfg(tmp_path, **ghpo_keys)
     cfg.train.num_generations, cfg.train.verifier_workers = 4, 0
     rows = [{"problem": p, "messages": None, "answer": a, "solution": "aaaa bbbb cccc dddd",
              "teachers": []} for p, a, _ in ROWS]
-    texts = [ampo.build_prompt(tok, r, cfg.data.prompt_template, None) for r in rows]
+    texts = [infra.build_prompt(tok, r, cfg.data.prompt_template, None) for r in rows]
     rollout, m = ghpo.rollout_step(model, tok, rows, texts, cfg, None, step=1)
     return model, tok, cfg, rows, texts, rollout, m
 
@@ -266,8 +267,8 @@ def test_loss_context_switches(tiny_model_dir, tmp_path, monkeypatch, mode, hint
 
 
 def test_config_yaml_is_shared_by_both_scripts():
-    g = ampo.load_config("config.yaml", cls=ghpo.Config, foreign=("ampo",))
-    a = ampo.load_config("config.yaml")
+    g = infra.load_config("config.yaml", [], ghpo.Config, ("ampo",))
+    a = infra.load_config("config.yaml", [], ampo.Config, ("ghpo",))
     assert g.ghpo.hint_ratios == [0.25, 0.5, 0.75] and g.ghpo.loss_context == "sampled_prompt"
     # GHPO's own loss defaults, AMPO's teachers off, its own output folder
     assert (g.train.loss_type, g.train.scale_rewards, g.train.entropy_coeff) == ("dapo", True, 0.0)
@@ -276,11 +277,11 @@ def test_config_yaml_is_shared_by_both_scripts():
                                                                              "runs/ampo")
     assert g.train.max_steps == a.train.max_steps == 16  # the shared block
     with pytest.raises(ValueError, match="belongs to ampo.py"):
-        ampo.load_config("config.yaml", ["--ampo.trigger=always"], ghpo.Config, ("ampo",))
+        infra.load_config("config.yaml", ["--ampo.trigger=always"], ghpo.Config, ("ampo",))
     with pytest.raises(ValueError, match="belongs to ghpo.py"):
-        ampo.load_config("config.yaml", ["--ghpo.start_hint_step=3"])
+        infra.load_config("config.yaml", ["--ghpo.start_hint_step=3"], ampo.Config, ("ghpo",))
     with pytest.raises(ValueError, match="ghpo.hint_units"):
-        ampo.load_config("config.yaml", ["--ghpo.hint_units=char"], ghpo.Config, ("ampo",))
+        infra.load_config("config.yaml", ["--ghpo.hint_units=char"], ghpo.Config, ("ampo",))
 
 
 @pytest.mark.parametrize("key, value", [("hint_ratios", [0.5, 0.25]), ("hint_ratios", [0, 0.5]),
@@ -298,7 +299,7 @@ def test_ghpo_schema_rows(tmp_path):
     path = tmp_path / "g.jsonl"
     path.write_text(json.dumps({"problem": "Compute 3 + 4.", "solution": "It is $\\boxed{7}$.",
                                 "solution_hint": "Add: 3 + 4 = 7. \\boxed{7}"}) + "\n")
-    rows, _ = ampo.load_dataset(str(path), workers=0, require_solution=True)
+    rows, _ = infra.load_dataset(str(path), workers=0, require_solution=True)
     assert rows[0]["answer"] == "7" and rows[0]["solution"] == "Add: 3 + 4 = 7. \\boxed{7}"
 
 
@@ -307,8 +308,8 @@ def test_row_without_a_solution_is_an_error_naming_it(tmp_path):
     path.write_text(json.dumps({"problem": "1 + 1?", "answer": "2", "solution": "1 + 1 = 2"})
                     + "\n" + json.dumps({"problem": "2 + 2?", "answer": "4"}) + "\n")
     with pytest.raises(ValueError, match=r"d.jsonl row 1: no worked solution"):
-        ampo.load_dataset(str(path), workers=0, require_solution=True)
-    rows, _ = ampo.load_dataset(str(path), workers=0)  # hints off: fine
+        infra.load_dataset(str(path), workers=0, require_solution=True)
+    rows, _ = infra.load_dataset(str(path), workers=0)  # hints off: fine
     assert rows[1]["solution"] is None
 
 
@@ -353,7 +354,7 @@ def test_ghpo_train_end_to_end_tiny(tiny_model_dir, tmp_path):
     samples = [json.loads(x) for x in open(tmp_path / "run" / "samples.jsonl")]
     assert {s["source"] for s in samples} == {"policy", "hint-0.75"}
     ckpt = tmp_path / "run" / "checkpoint-2"
-    reloaded = ampo.load_config(str(ckpt / "config.yaml"), cls=ghpo.Config, foreign=("ampo",))
+    reloaded = infra.load_config(str(ckpt / "config.yaml"), [], ghpo.Config, ("ampo",))
     assert reloaded.ghpo.start_hint_step == 1 and reloaded.train.loss_type == "dapo"
     assert last["step"] == 2
 
@@ -374,7 +375,7 @@ def test_main_rejects_ampo_overrides_and_a_missing_solution(tiny_model_dir, tmp_
 @pytest.mark.slow
 def test_default_config_end_to_end(tmp_path):
     """One step of the real default: SmolLM2-135M, the bundled data, GHPO's hint stages."""
-    cfg = ampo.load_config("config.yaml", [
+    cfg = infra.load_config("config.yaml", [
         "--train.max_steps=1", "--train.prompts_per_step=2", "--train.num_generations=4",
         "--train.max_completion_length=16", f"--log.output_dir={tmp_path / 'run'}"],
         ghpo.Config, ("ampo",))

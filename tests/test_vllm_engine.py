@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ampo
+import infra
 import vllm_engine
 
 
@@ -18,7 +19,7 @@ def test_importing_the_trainer_never_imports_vllm():
 
 
 def test_wrapper_prefixes_are_stripped_from_every_parameter_name(tiny_model_dir):
-    model, _ = ampo.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
+    model, _ = infra.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
     plain = [n for n, _ in model.named_parameters()]
     ddp_compiled = [f"module._orig_mod.{n}" for n in plain]  # DDP around torch.compile
     assert [vllm_engine.hf_param_name(n) for n in ddp_compiled] == plain
@@ -46,7 +47,7 @@ def test_to_completion_matches_the_hf_path_row_by_row():
 
 
 def test_engine_settings_follow_the_config(monkeypatch):
-    cfg = ampo.load_config("configs/ampo_qwen2.5-1.5b-instruct_1gpu.yaml")
+    cfg = infra.load_config("configs/ampo_qwen2.5-1.5b-instruct_1gpu.yaml", [], ampo.Config, ("ghpo",))
     cfg.train.vllm_max_model_len = 0  # 0: prompt + completion budget
     monkeypatch.delenv("RANK", raising=False)
     s = vllm_engine.engine_settings("/models/q", cfg)
@@ -79,9 +80,9 @@ def test_vllm_generate_matches_the_hf_contract_and_takes_new_weights(tiny_model_
     cfg = ampo.Config()
     cfg.model.name_or_path = tiny_model_dir
     cfg.train.max_completion_length, cfg.data.max_prompt_length = 16, 64
-    model, tok = ampo.load_model(cfg.model)
+    model, tok = infra.load_model(cfg.model)
     engine = vllm_engine.make_engine(tiny_model_dir, cfg)
-    prompts = [ampo.build_prompt(tok, {"problem": "What is 2 + 3?"}, "{problem}", None)] * 2
+    prompts = [infra.build_prompt(tok, {"problem": "What is 2 + 3?"}, "{problem}", None)] * 2
     completions, truncated = vllm_engine.generate(engine, tok, prompts, 4, 16)
     assert len(completions) == 8 and len(truncated) == 8
     # vLLM also stops on the generation config's EOS ids (vllm_engine.to_completion).

