@@ -105,9 +105,9 @@ class TrainConfig:
     repetition_penalty: bool = False  # official: -1 on non-zero rewards of repetitive text
     verifier_workers: int = 2  # processes of verify.verify_batch
     verifier_timeout: float = 5.0  # seconds per answer; a timeout is a wrong answer
-    # Scale (infra.py, section 4): under torchrun, DDP replicates the model on every rank; FSDP2 shards
-    # weights, gradients and optimizer state across ranks (7B-class models). bf16 computes in
-    # bfloat16 on CUDA while weights and optimizer state stay float32.
+    # Scale (infra.py, section 4): under torchrun, DDP replicates the model on every rank;
+    # FSDP2 shards weights, gradients and optimizer state across ranks (7B-class models). bf16
+    # computes in bfloat16 on CUDA while weights and optimizer state stay float32.
     parallelism: str = "ddp"  # ddp | fsdp; one process (plain python) uses neither
     bf16: bool = False
     # Rollouts with vLLM (vllm_engine.py, optional, GPU only): one colocated engine per rank.
@@ -271,7 +271,7 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, max_new
 #   off_policy   True for a teacher's answer    source             "policy" or the teacher
 #   truncated    hit max_completion_length      prompts (per prompt) the text it answers
 #
-# Guidance (section 5) edits it in place; the batch (section 7) turns it into tensors.
+# Guidance (sections 5-6) edits it in place; the batch (section 7) turns it into tensors.
 
 
 def score_completions(texts: list[str], golds: list[str], cfg: TrainConfig):

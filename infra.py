@@ -332,6 +332,13 @@ def load_model(cfg, path: str | None = None):
 # Plain `python ampo.py` is simply world size 1: the same code with every collective a no-op.
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def init_distributed() -> tuple[int, int]:
     """Join torchrun's process group if there is one. Returns (rank, world_size)."""
     if "RANK" not in os.environ or dist.is_initialized():
@@ -340,12 +347,6 @@ def init_distributed() -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this GPU
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return rank_and_world()
-
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def world_size() -> int:

@@ -2,14 +2,25 @@
 
     python tests/distributed_worker.py step MODEL_DIR OUT LOSS_TYPE PARALLELISM
     python -m torch.distributed.run --nproc_per_node=2 tests/distributed_worker.py step ...
+    python -m torch.distributed.run --nproc_per_node=2 tests/distributed_worker.py guide DIR OUT
+    python -m torch.distributed.run --nproc_per_node=2 tests/distributed_worker.py nan JSON
 
 `step`: one train_on_batch on a fixed global batch of 2 groups x 4 answers of different
 lengths, each rank taking its contiguous share (one group each), with SGD at learning rate 1,
 so the weights after the step are the weights before it minus the gradient. The updated
 weights and the step's metrics go to the checkpoint folder OUT/checkpoint-1.
+
+`guide`: apply_guidance under FSDP2 with one group per rank, where only rank 0's group needs
+teachers (all wrong) and rank 1's does not (one right): rank 0 scores its candidates while rank
+1 has nothing to score. Each rank writes its metrics to OUT/rank<r>.json.
+
+`nan`: a whole training run (ampo.train, DDP) whose advantages are all NaN, so that every
+update is skipped by the non-finite guard on every rank at once.
 """
 
+import json
 import os
+import random
 import sys
 
 import torch
@@ -47,12 +58,45 @@ def step(model_dir: str, out: str, loss_type: str, parallelism: str):
     model = infra.wrap_model(policy, cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
-    metrics = ampo.train_on_batch(model, optimizer, scheduler, batch, cfg, gamma=0.1)
+    metrics = ampo.train_on_batch(model, optimizer, scheduler, batch, cfg, 0.1, world,
+                                  infra.all_sum)
     # The updated weights go through the trainer's own checkpoint writer, which gathers FSDP2
     # shards into full tensors: one process and two must write the same files.
     infra.save_checkpoint(out, 1, policy, tokenizer, optimizer, scheduler, ampo.Config(),
                          {"metrics": metrics}, {}, keep_last=0)
 
 
+def guide(model_dir: str, out: str):
+    rank, world = infra.init_distributed()
+    policy, tokenizer = infra.load_model(ampo.ModelConfig(name_or_path=model_dir))
+    cfg = ampo.Config()
+    cfg.train.num_generations, cfg.train.max_completion_length = 4, 64
+    cfg.ampo.comprehension_batch_size = 1  # rank 0 runs 2 scoring forwards, rank 1 none
+    cfg.train.parallelism = "fsdp"
+    row = {"problem": f"What is {rank} + 2?", "messages": None, "answer": str(rank + 2),
+           "solution": None, "teachers": [("short", f"\\boxed{{{rank + 2}}}"),
+                                          ("long", f"{rank} plus 2 is \\boxed{{{rank + 2}}}")]}
+    prompts = [infra.build_prompt(tokenizer, row, cfg.data.prompt_template, None)]
+    correct = [False] * 4 if rank == 0 else [False, True, False, False]
+    rollout = {"completions": [[7]] * 4, "rewards": [float(c) for c in correct],
+               "correct": correct, "off_policy": [False] * 4, "truncated": [False] * 4,
+               "source": ["policy"] * 4, "texts": ["x"] * 4}
+    model = infra.wrap_model(policy, cfg.train)
+    metrics = ampo.apply_guidance(rollout, [row], prompts, model, tokenizer, cfg,
+                                  random.Random(0), infra.lockstep_fn(model))
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"metrics": metrics, "off_policy": rollout["off_policy"]}, f)
+
+
+def nan(config_json: str):
+    cfg = ampo.Config()
+    for section, values in json.loads(config_json).items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    ampo.group_advantages = lambda rewards, group_size, scale_by_std=False: torch.full(
+        (len(rewards),), float("nan"))
+    ampo.train(cfg)
+
+
 if __name__ == "__main__":
-    step(*sys.argv[2:])
+    {"step": step, "guide": guide, "nan": nan}[sys.argv[1]](*sys.argv[2:])

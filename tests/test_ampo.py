@@ -185,6 +185,61 @@ def test_main_reports_config_error(tmp_path):
         ampo.main(["--config", "config.yaml", "--train.bogus=1"])
 
 
+@pytest.mark.parametrize("override,match", [
+    ("--train.loss_type=bnpo", r"train.loss_type: one of dr_grpo\|dapo\|grpo, got 'bnpo'"),
+    ("--train.parallelism=tp", r"train.parallelism: one of ddp\|fsdp, got 'tp'"),
+    ("--ampo.trigger=sometimes", r"ampo.trigger: one of adaptive\|hybrid\|always\|never"),
+    ("--ampo.selection=best", r"ampo.selection: one of comprehension\|random\|dataset"),
+    ("--ampo.comprehension_score=harmonic", r"ampo.comprehension_score: one of arith\|geo"),
+    ("--model.dtype=fp8", r"model.dtype: one of float32\|bfloat16\|float16"),
+    ("--train.micro_batch_size=0", r"train.micro_batch_size: at least 1"),
+    ("--ampo.hybrid_prob=1.5", r"ampo.hybrid_prob: in \[0, 1\]"),
+    ("--eval.pass_k=[1,8]", r"eval.pass_k: every k in 1..eval.num_samples \(4\)"),
+    ("--eval.every=2", None),  # with eval.files emptied below: nothing to evaluate
+])
+def test_check_config_names_the_key_before_anything_loads(tmp_path, override, match):
+    """Enum values and cross-key constraints fail at start-up, naming the key and the allowed
+    values, before the model or the data is touched (both paths here do not exist)."""
+    args = ["--config", "config.yaml", override, "--model.name_or_path=/nonexistent/model",
+            "--data.train_file=/nonexistent/train.jsonl", f"--log.output_dir={tmp_path / 'run'}"]
+    if match is None:
+        args.append("--eval.files=[]")
+        match = r"eval.every: set, but eval.files names no test file"
+    with pytest.raises(SystemExit, match=match):
+        ampo.main(args)
+    assert not (tmp_path / "run").exists()  # nothing was written either
+
+
+def test_check_config_cross_keys_depend_on_the_world_size(monkeypatch):
+    cfg = infra.load_config("config.yaml", [], ampo.Config, ("ghpo",))
+    ampo.check_config(cfg, world=2)  # 2 prompts over 2 ranks: fine
+    with pytest.raises(infra.InputError, match="train.prompts_per_step: 2 prompts do not split "
+                                               "evenly over 3 ranks"):
+        ampo.check_config(cfg, world=3)
+    cfg.train.parallelism = "fsdp"
+    ampo.check_config(cfg, world=1)  # one process: FSDP2 is the model itself
+    with pytest.raises(infra.InputError, match="train.use_vllm"):
+        ampo.check_config(cfg, world=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: train() checks before it starts
+    with pytest.raises(infra.InputError, match="train.use_vllm"):
+        ampo.train(cfg)
+
+
+def test_an_error_inside_training_keeps_its_traceback(tiny_model_dir, tmp_path, monkeypatch):
+    """Only config and data errors become one-line messages; a ValueError raised by the
+    training itself is a bug to be seen whole, not an `error:` line."""
+    def broken(*args, **kwargs):
+        raise ValueError("a bug inside the update")
+
+    monkeypatch.setattr(ampo, "train_on_batch", broken)
+    cfg = tiny_config(tiny_model_dir, tmp_path)
+    with pytest.raises(ValueError, match="a bug inside the update"):
+        ampo.main([f"--model.name_or_path={tiny_model_dir}", f"--data.train_file={cfg.data.train_file}",
+                   f"--log.output_dir={tmp_path / 'run'}", "--train.max_steps=1",
+                   "--train.prompts_per_step=2", "--train.num_generations=2",
+                   "--train.max_completion_length=4", "--train.verifier_workers=0"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Data loading, on real files
 # ---------------------------------------------------------------------------------------------

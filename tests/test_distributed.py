@@ -87,3 +87,36 @@ def test_torchrun_training_run_logs_once_and_resumes(tiny_model_dir, tmp_path):
     lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert (tmp_path / "run" / "checkpoint-3" / "model.safetensors").exists()
+
+
+def test_fsdp_guidance_with_only_one_rank_guided(tiny_model_dir, tmp_path):
+    """FSDP2 on 2 ranks: rank 0's group failed (guided, 2 candidates to score), rank 1's did not
+    (nothing to score). Every FSDP2 forward is a collective, so rank 1 must run as many dummy
+    forwards as rank 0 runs scoring batches; calling a different collective instead hung.
+    Rank 0's scores must equal the same scoring in one unsharded process."""
+    run([WORKER, "guide", tiny_model_dir, str(tmp_path)], nproc=2)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["metrics"]["guided_frac"] == 1.0 and sum(r0["off_policy"]) == 2
+    assert r1["metrics"]["guided_frac"] == 0.0 and not any(r1["off_policy"])
+    policy, tok = infra.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
+    row = {"problem": "What is 0 + 2?", "messages": None}
+    prompt = infra.build_prompt(tok, row, ampo.DataConfig().prompt_template, None)
+    alone = ampo.comprehension_scores(policy, tok, [prompt] * 2,
+                                      ["\\boxed{2}", "0 plus 2 is \\boxed{2}"], ["2", "2"])
+    assert r0["metrics"]["comprehension_mean"] == pytest.approx(sum(alone) / 2, rel=1e-4)
+
+
+def test_a_skipped_update_is_counted_once_over_ranks(tiny_model_dir, tmp_path):
+    """A non-finite gradient is the same event on every rank (the grad norm is global), so two
+    ranks that both skip one update report skipped_updates 1, not 2."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {a} + 1?", "answer": str(a + 1)})
+                            + "\n" for a in range(4)))
+    cfg = {"model": {"name_or_path": tiny_model_dir},
+           "data": {"train_file": str(data)},
+           "train": {"max_steps": 2, "prompts_per_step": 2, "num_generations": 2,
+                     "max_completion_length": 4, "verifier_workers": 0, "num_minibatches": 1},
+           "ampo": {"trigger": "never"}, "log": {"output_dir": str(tmp_path / "run")}}
+    run([WORKER, "nan", json.dumps(cfg)], nproc=2)
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [x["skipped_updates"] for x in lines] == [1, 1]
