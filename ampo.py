@@ -104,7 +104,7 @@ class TrainConfig:
     format_weight: float = 0.0  # reward = (1-w) correct + w format (official: 0.1)
     repetition_penalty: bool = False  # official: -1 on non-zero rewards of repetitive text
     verifier_workers: int = 2  # processes of verify.verify_batch
-    verifier_timeout: float = 5.0  # seconds per answer; a timeout is a wrong answer
+    verifier_timeout: float = 5.0  # seconds (whole) per math-verify call; a timeout is wrong
     # Scale (infra.py, section 4): under torchrun, DDP replicates the model on every rank;
     # FSDP2 shards weights, gradients and optimizer state across ranks (7B-class models). bf16
     # computes in bfloat16 on CUDA while weights and optimizer state stay float32.

@@ -11,7 +11,7 @@ Three steps, each its own function:
   2. compare it with the gold answer using math-verify, so 1/2, 0.5 and \\frac{1}{2} agree;
   3. turn that into a reward, optionally with the official format and repetition terms.
 
-Checks run in a process pool with a per-item timeout (verify_batch): math-verify can take
+Checks run in worker processes with a per-item timeout (verify_batch): math-verify can take
 seconds on adversarial text, and a training step must never hang or crash on one answer.
 A timeout, like any error, is a wrong answer. This module does not import torch.
 """
@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import math
 import multiprocessing
+import multiprocessing.connection
 import re
+import time
 
 # =============================================================================================
 # 1. Finding the final answer
@@ -96,11 +99,14 @@ def extract_answer(text: str) -> str | None:
 # math-verify parses both sides into sympy and compares them. It needs LaTeX delimiters to
 # know what to parse, so the gold answer is wrapped as $...$ and the prediction as \boxed{...}.
 # Its own timeouts use signal.alarm, which works only in a process's main thread: that is why
-# batches run in worker processes, never threads.
+# batches run in worker processes, never threads. signal.alarm counts whole seconds, so a
+# timeout is rounded up; math-verify turns a timeout into an empty parse or a False.
 
 
-def is_correct(response: str, gold: str) -> bool:
+def is_correct(response: str, gold: str, timeout: float = 5.0) -> bool:
     """Does the response's final answer equal the gold answer (given bare: 1/2, (1,2), 42)?
+
+    `timeout` bounds each parse and comparison math-verify makes (a few per answer).
 
     >>> is_correct("\\\\boxed{0.5}", "\\\\frac{1}{2}"), is_correct("\\\\boxed{21}", "12")
     (True, False)
@@ -114,10 +120,12 @@ def is_correct(response: str, gold: str) -> bool:
             return True
         from math_verify import parse, verify
 
-        gold_parsed = parse(f"${gold}$")
+        seconds = max(1, math.ceil(timeout))
+        gold_parsed = parse(f"${gold}$", parsing_timeout=seconds)
         if not gold_parsed:
-            gold_parsed = parse(f"\\boxed{{{gold}}}")
-        return bool(verify(gold_parsed, parse(f"\\boxed{{{answer}}}")))
+            gold_parsed = parse(f"\\boxed{{{gold}}}", parsing_timeout=seconds)
+        answer_parsed = parse(f"\\boxed{{{answer}}}", parsing_timeout=seconds)
+        return bool(verify(gold_parsed, answer_parsed, timeout_seconds=seconds))
     except Exception:  # a parser error or a timeout is a wrong answer, never a crash
         return False
 
@@ -184,70 +192,146 @@ def reward(response: str, gold: str, format_weight: float = 0.0,
 
 
 # =============================================================================================
-# 4. Batches in a process pool, with a per-item timeout
+# 4. Batches in worker processes, with a per-item timeout
 # =============================================================================================
-# One pool lives for the whole run (starting processes every step would cost more than the
-# checks). "spawn" starts clean interpreters: forking a trainer that holds torch's thread pools
-# can deadlock. A stuck item is abandoned after `timeout` seconds; the pool is then torn down
-# and rebuilt, because the worker running it cannot be interrupted any other way.
+# A few worker processes live for the whole run (starting processes every step would cost more
+# than the checks), each with its own pipe to this process, which hands them one item at a
+# time. "spawn" starts clean interpreters: forking a trainer that holds torch's thread pools
+# can deadlock.
+#
+# The clock. A right answer must not turn wrong because the machine is busy, so `timeout`
+# bounds an item's own checking and nothing else:
+#   - in the worker, math-verify stops each parse and comparison after `timeout` seconds, and
+#     is_correct makes that a wrong answer. This is how a slow adversarial answer ends: in the
+#     worker, which stays alive and takes the next item.
+#   - here, a backstop of BACKSTOP such limits catches a worker stuck where no signal reaches it
+#     (one long call into C). Its clock starts when the item is handed to a worker that has
+#     started and said "ready", so neither a worker's start-up (importing sympy and math-verify
+#     takes seconds on a loaded machine) nor the wait behind slower items counts. A worker
+#     still on its item at the backstop is killed, the item is wrong, and a replacement starts;
+#     like every start-up, the replacement's counts against no item.
+# A worker that exits before it says "ready" could never start: that is an error, not a batch
+# of wrong answers. The usual cause is a script that calls verify_batch outside
+# `if __name__ == "__main__":`: every spawned process re-runs the main script, calls
+# verify_batch in turn, and dies trying to start workers of its own.
 
-_pool = None
-_pool_workers = 0
+BACKSTOP = 10  # limits; is_correct makes at most seven limited calls (3 parses, 4 comparisons)
+_workers: list[dict] = []  # {"process", "conn", "ready", "item", "since"}: see _start_worker
+CANNOT_START = (
+    "verify_batch: a worker process exited (code {}) before it was ready. Workers are spawned "
+    "processes, which re-run the main script: call verify_batch under "
+    "`if __name__ == \"__main__\":`, or pass workers=0 to check in this process.")
 
 
-def _get_pool(workers: int):
-    global _pool, _pool_workers
-    if _pool is None or _pool_workers != workers:
-        _close_pool()
-        _pool = multiprocessing.get_context("spawn").Pool(workers)
-        _pool_workers = workers
-    return _pool
+def _worker(conn):
+    """A worker process: warm up, say "ready", then check one item at a time until EOF.
+
+    The warm-up check imports math-verify and sympy and fills their caches, so that no item
+    pays for them.
+    """
+    is_correct("\\boxed{0.5}", "\\frac{1}{2}")
+    conn.send("ready")
+    while True:
+        try:
+            response, gold, timeout = conn.recv()
+        except EOFError:  # this process is closing the pool, or is gone
+            return
+        conn.send(is_correct(response, gold, timeout))
+
+
+def _start_worker():
+    context = multiprocessing.get_context("spawn")
+    conn, worker_conn = context.Pipe()
+    # daemon: at exit multiprocessing stops it rather than waiting (it never ends on its own)
+    process = context.Process(target=_worker, args=(worker_conn,), daemon=True)
+    process.start()
+    worker_conn.close()  # only the worker holds its end now, so its death reads as EOF here
+    _workers.append({"process": process, "conn": conn, "ready": False, "item": None, "since": 0.0})
+
+
+def _stop_worker(worker):
+    worker["process"].kill()
+    worker["process"].join()
+    worker["conn"].close()
+    _workers.remove(worker)
 
 
 def _close_pool():
-    global _pool
-    if _pool is not None:
-        _pool.terminate()
-        _pool.join()
-        _pool = None
+    while _workers:
+        _stop_worker(_workers[-1])
 
 
 atexit.register(_close_pool)
+
+
+def _receive(worker, results: list[bool]):
+    """Take one message from a worker: "ready", an answer, or EOF if it died."""
+    try:
+        message = worker["conn"].recv()
+    except EOFError:
+        if not worker["ready"]:
+            worker["process"].join()
+            code = worker["process"].exitcode
+            _close_pool()
+            raise RuntimeError(CANNOT_START.format(code)) from None
+        _stop_worker(worker)  # it died on its item (which stays wrong) or while idle
+        _start_worker()
+        return
+    if message == "ready":
+        worker["ready"] = True
+    else:
+        results[worker["item"]] = message
+        worker["item"] = None
 
 
 def verify_batch(responses: list[str], golds: list[str], workers: int = 2,
                  timeout: float = 5.0) -> list[bool]:
     """is_correct for every (response, gold) pair, in order; a timeout or error is False.
 
-    workers=0 checks in this process, one by one (no per-item timeout beyond math-verify's own).
+    `timeout` (whole seconds) limits each parse and comparison math-verify makes for an item;
+    a worker still on an item BACKSTOP times that long after it took it is killed, and the
+    item is False (section 4 explains the clock). workers=0 checks in this process, one by
+    one, with math-verify's limits alone.
+
+    >>> verify_batch(["\\\\boxed{2/4}", "<answer> 3 </answer>"], ["0.5", "4"], workers=0)
+    [True, False]
     """
     if len(responses) != len(golds):
         raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
     if workers <= 0:
-        return [is_correct(r, g) for r, g in zip(responses, golds)]
+        return [is_correct(r, g, timeout) for r, g in zip(responses, golds)]
+    while len(_workers) > workers:
+        _stop_worker(_workers[-1])
+    while len(_workers) < workers:
+        _start_worker()
+    backstop = BACKSTOP * max(1, math.ceil(timeout))
     results = [False] * len(responses)
-    pending = list(range(len(responses)))
-    while pending:
-        pool = _get_pool(workers)
-        jobs = {i: pool.apply_async(is_correct, (responses[i], golds[i])) for i in pending}
-        stuck = None
-        for i in pending:
-            try:
-                results[i] = bool(jobs[i].get(timeout))
-            except multiprocessing.TimeoutError:
-                stuck = i  # stays False
-                break
-            except Exception:  # a worker that died: a wrong answer
-                pass
-        if stuck is None:
-            break
-        # Keep what finished, kill the stuck worker with its pool, retry the rest in a new pool.
-        for i in pending:
-            if i != stuck and jobs[i].ready() and jobs[i].successful():
-                results[i] = bool(jobs[i].get())
-        retry = [i for i in pending if i != stuck and not jobs[i].ready()]
-        _close_pool()
-        pending = retry
+    todo = list(reversed(range(len(responses))))  # pop() takes the items in order
+    try:
+        while todo or any(w["item"] is not None for w in _workers):
+            for worker in _workers:
+                if worker["ready"] and worker["item"] is None and todo:
+                    i = todo.pop()
+                    try:
+                        worker["conn"].send((responses[i], golds[i], timeout))
+                    except OSError:  # it died while idle: _receive replaces it, i waits
+                        todo.append(i)
+                        continue
+                    worker["item"], worker["since"] = i, time.monotonic()
+            # Sleep until a message (or a death) arrives, or until the nearest backstop.
+            deadlines = [w["since"] + backstop for w in _workers if w["item"] is not None]
+            wait_for = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            ready = multiprocessing.connection.wait([w["conn"] for w in _workers], wait_for)
+            for worker in [w for w in _workers if w["conn"] in ready]:
+                _receive(worker, results)
+            for worker in [w for w in _workers if w["item"] is not None]:
+                if time.monotonic() - worker["since"] >= backstop:
+                    _stop_worker(worker)  # its item stays False
+                    _start_worker()
+    finally:
+        # A batch cut short (Ctrl-C) must not leave answers in flight for the next one.
+        for worker in [w for w in _workers if w["item"] is not None]:
+            _stop_worker(worker)
     return results
 
 
