@@ -94,6 +94,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     num_minibatches: int = 2  # optimizer steps per training step (verl: ppo_mini_batch_size)
     micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate
+    max_skipped_steps: int = 3  # stop when this many steps in a row skipped all their updates
     epsilon: float = 0.2  # PPO clip, lower side
     epsilon_high: float = 0.2  # PPO clip, upper side (DAPO's clip-higher uses 0.28)
     clip_ratio_c: float = 10.0  # dual clip for negative advantages
@@ -866,7 +867,7 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
     for key, total in zip(keys, all_sum([stats[k] for k in keys])):
         stats[key] = total
     u = stats["updates"]
-    out = {"loss": stats["loss"] / u, "entropy": stats["entropy"] / u,
+    out = {"loss": stats["loss"] / u, "entropy": stats["entropy"] / u, "updates": u,
            "grad_norm": stats["grad_norm"] / u, "skipped_updates": stats["skipped_updates"],
            "clip_frac": stats["clip_num"] / max(stats["on_tokens"], 1),
            "teacher_token_p": (stats["teacher_p_sum"] / stats["off_tokens"]
@@ -874,6 +875,35 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
     if "ref_logp" in batch and batch["ref_logp"] is not None:
         out["kl"] = stats["kl"] / u
     return out
+
+
+def check_update(policy, batch: dict, update: dict, skipped_in_a_row: int,
+                 cfg: TrainConfig) -> int:
+    """Stop a run that cannot recover, with an error that says so. Returns how many steps in a
+    row have now skipped all their updates.
+
+    The non-finite guard above skips one bad update and the run goes on, which is right for a
+    rare bad batch. Two failures it cannot see: every update skipped, step after step (the
+    weights never change again), and weights that are finite but so large that the next
+    forward overflows (a learning rate of 1e30: the gradient itself was finite). A forward of
+    one sequence on the updated policy catches the second, before anything is saved.
+    """
+    skipped_in_a_row = skipped_in_a_row + 1 if update["skipped_updates"] == update["updates"] else 0
+    if skipped_in_a_row >= cfg.max_skipped_steps:
+        raise RuntimeError(f"training stopped: {skipped_in_a_row} steps in a row skipped every "
+                           f"update (non-finite gradients; train.max_skipped_steps = "
+                           f"{cfg.max_skipped_steps}). Is train.learning_rate "
+                           f"({cfg.learning_rate}) too high?")
+    probe = micro_batch(batch, slice(0, 1))
+    with torch.no_grad():
+        logp, _ = completion_logprobs(policy, probe["input_ids"].to(policy.device),
+                                      probe["attention_mask"].to(policy.device),
+                                      probe["completion_mask"].shape[1], cfg.temperature)
+    if not torch.isfinite(logp).all():
+        raise RuntimeError(f"training diverged: the updated weights give non-finite log-probs "
+                           f"(train.learning_rate = {cfg.learning_rate} too high?); nothing of "
+                           f"this step was saved, the last checkpoint is intact")
+    return skipped_in_a_row
 
 
 # =============================================================================================
@@ -907,22 +937,29 @@ def evaluate(model, tokenizer, cfg: Config, path: str, rank: int = 0, world: int
     """avg@n and pass@k of the policy on one test file, with the training verifier.
 
     Under torchrun each rank answers a contiguous share of the problems (rank, world) and the
-    counts are summed over ranks with all_sum (infra.all_sum).
+    counts are summed over ranks with all_sum (infra.all_sum). Prompts longer than
+    data.max_prompt_length tokens are dropped and counted, as in training: one 100k-character
+    problem would otherwise ask for gigabytes of activations.
     """
     e, t = cfg.eval, cfg.train
     rows, _ = infra.load_dataset(path, 0, t.verifier_workers)
     rows = rows[:e.max_problems or None]
-    total = len(rows)
+    prompts = [infra.build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt)
+               for r in rows]
+    fits = [i for i, ids in enumerate(tokenizer(prompts, add_special_tokens=False)["input_ids"])
+            if len(ids) <= cfg.data.max_prompt_length]
+    if not fits:
+        raise infra.InputError(f"{path}: no problem fits data.max_prompt_length")
+    total, dropped = len(fits), len(rows) - len(fits)
     share = math.ceil(total / world)
-    rows = rows[rank * share:(rank + 1) * share]
+    mine = fits[rank * share:(rank + 1) * share]
+    rows, prompts = [rows[i] for i in mine], [prompts[i] for i in mine]
     n = e.num_samples
     correct = []
     for start in range(0, len(rows), e.prompts_per_batch):
         chunk = rows[start:start + e.prompts_per_batch]
-        prompts = [infra.build_prompt(tokenizer, r, cfg.data.prompt_template,
-                                      cfg.data.system_prompt) for r in chunk]
-        completions, _ = generate(model, tokenizer, prompts, n, t.max_completion_length,
-                                  e.temperature, e.top_p)
+        completions, _ = generate(model, tokenizer, prompts[start:start + e.prompts_per_batch], n,
+                                  t.max_completion_length, e.temperature, e.top_p)
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         golds = [r["answer"] for r in chunk for _ in range(n)]
         correct += verify.verify_batch(texts, golds, workers=t.verifier_workers,
@@ -931,7 +968,7 @@ def evaluate(model, tokenizer, cfg: Config, path: str, rank: int = 0, world: int
     # Sums over this rank's problems, then over ranks; then the means over all problems.
     sums = all_sum([sum(correct)] + [sum(pass_at_k(n, c, k) for c in per_problem)
                                      for k in e.pass_k])
-    out = {"file": path, "problems": total, f"avg@{n}": sums[0] / (total * n)}
+    out = {"file": path, "problems": total, "dropped": dropped, f"avg@{n}": sums[0] / (total * n)}
     for k, s in zip(e.pass_k, sums[1:]):
         out[f"pass@{k}"] = s / total
     return out
@@ -966,37 +1003,7 @@ def next_prompts(order: list[int], usable: list[int], n: int, rng: random.Random
     return order[:n][rank * share:(rank + 1) * share], order[n:]
 
 
-def group_samples(rollout: dict, rows: list[dict], group_size: int) -> list[dict]:
-    """The first answer of every group, decoded, for samples.jsonl."""
-    return [{"problem": rows[s // group_size]["problem"], "source": rollout["source"][s],
-             "completion": rollout["texts"][s], "reward": rollout["rewards"][s]}
-            for s in range(0, len(rollout["texts"]), group_size)]
-
-
-def format_metrics(step: int, m: dict) -> str:
-    """One compact line per step, nanoGPT style."""
-    t = m["time"]
-    return (f"step {step}: reward {m['reward']:.3f} acc {m['accuracy']:.3f} "
-            f"guided {m.get('guided_frac', 0):.2f} comp {m.get('comprehension_picked', float('nan')):.3f} "
-            f"teachers {m.get('teachers_picked', {})} ent {m['entropy']:.3f} len {m['completion_len']:.0f} "
-            f"clip {m['clip_frac']:.3f} gnorm {m['grad_norm']:.3f} loss {m['loss']:+.4f} | "
-            f"gen {t['generate']:.1f}s rew {t['reward']:.1f}s guide {t['guidance']:.1f}s "
-            f"train {t['train']:.1f}s {m['tokens_per_s']:.0f} tok/s")
-
-
-def rollout_metrics(m: dict, rollout: dict, batch: dict, lr: float, group_size: int,
-                    seconds: float) -> dict:
-    """This rank's metrics of the step, added to the rollout function's `m`."""
-    rewards = torch.tensor(rollout["rewards"]).view(-1, group_size)  # [B, G]
-    m["reward"] = float(rewards.mean())
-    m["frac_reward_zero_std"] = float((rewards.std(-1) == 0).float().mean())
-    m["lr"] = lr
-    m["completion_tokens"] = int(batch["completion_mask"].sum())
-    m["time"]["step"] = seconds
-    return m
-
-
-def train(cfg: Config, rollout_fn=rollout_step, log_line=format_metrics,
+def train(cfg: Config, rollout_fn=rollout_step, log_line=infra.format_metrics,
           require_solution: bool = False, resume: bool = False) -> dict:
     """The whole run. Returns the last step's metrics (global, the same on every rank).
 
@@ -1019,8 +1026,8 @@ def train(cfg: Config, rollout_fn=rollout_step, log_line=format_metrics,
     model = infra.wrap_model(policy.train(), t)
     optimizer, scheduler = make_optimizer(model, t)
     infra.attach_engine(policy, cfg, run["ckpt"] or infra.model_path(cfg.model.name_or_path))
-    order, start = infra.resume_or_begin(run, policy, optimizer, scheduler)
-    lockstep = infra.lockstep_fn(policy)
+    order, start = infra.resume_or_begin(run, policy, optimizer, scheduler, cfg, usable)
+    lockstep, skipped = infra.lockstep_fn(policy), 0
     m = {}
     for step in tqdm(range(start, t.max_steps + 1), desc=run["out_dir"].name, disable=rank > 0):
         tick = time.perf_counter()
@@ -1036,19 +1043,19 @@ def train(cfg: Config, rollout_fn=rollout_step, log_line=format_metrics,
         batch = add_logprobs(build_batch(tokenizer, rollout, t), policy, ref_model, t)
         # 4. Update: the clipped, shaped policy loss; num_minibatches optimizer steps.
         update = train_on_batch(model, optimizer, scheduler, batch, t, gamma, world, infra.all_sum)
+        skipped = check_update(policy, batch, update, skipped, t)  # stops a run that diverged
         infra.engine_refresh(policy, cfg)
         m["time"]["train"] = time.perf_counter() - tock
         # 5. Log, evaluate, save. This rank's metrics are merged over ranks (counts add up,
         #    rates and times average); the update's are global already, so they join after.
-        m = infra.gather_metrics(rollout_metrics(m, rollout, batch, scheduler.get_last_lr()[0],
-                                                 t.num_generations, time.perf_counter() - tick))
+        m = infra.rollout_metrics(m, rollout, batch, scheduler.get_last_lr()[0],
+                                  t.num_generations, time.perf_counter() - tick)
+        m = infra.gather_metrics(m)
         m.update(update, step=step, tokens_per_s=m["completion_tokens"] / m["time"]["step"])
         if cfg.eval.every and step % cfg.eval.every == 0:
             m["eval"] = [evaluate(policy, tokenizer, cfg, path, rank, world, infra.all_sum)
                          for path in cfg.eval.files]
-        sampling = cfg.log.sample_every and step % cfg.log.sample_every == 0
-        infra.log_step(run, step, m, log_line(step, m),
-                       group_samples(rollout, batch_rows, t.num_generations) if sampling else [])
+        infra.log_step(run, cfg, step, m, log_line(step, m), rollout, batch_rows)
         if step == t.max_steps or (cfg.log.save_every and step % cfg.log.save_every == 0):
             infra.save_checkpoint(run["out_dir"], step, policy, tokenizer, optimizer, scheduler,
                                   cfg, {"order": order}, rngs, cfg.log.keep_last)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -490,14 +491,40 @@ def set_rng_states(rngs: dict, states: dict):
         torch.cuda.set_rng_state(states["cuda"])
 
 
+def file_fingerprint(path) -> str | None:
+    """sha256 of a file's bytes (None if there is no such file)."""
+    if not os.path.isfile(path):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_tree(folder: Path, files: bool = True):
+    """Flush a folder's files (all of them, below it too) and the folder itself to disk."""
+    for p in folder.rglob("*") if files else []:
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(out_dir, step: int, policy, tokenizer, optimizer, scheduler, cfg,
                     state: dict, rngs: dict, keep_last: int = 0) -> Path:
     """Write out_dir/checkpoint-<step> atomically, then delete all but the newest keep_last.
 
     Every rank calls it (gathering FSDP2 shards is a collective); rank 0 writes the weights,
     optimizer and state, every rank its own random generators. Everything goes to a temporary
-    folder renamed into place at the end: a crash mid-write never leaves a half checkpoint,
-    and never touches the previous ones. `state` holds the loop's own variables (data order).
+    folder, flushed to disk and renamed into place at the end: a crash (or a power cut) mid-
+    write never leaves a half checkpoint, and never touches the previous ones. `state` holds
+    the loop's own variables (data order); the data file's fingerprint is added, so that a
+    resumed run can tell whether its row numbers still mean the same rows.
     """
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
@@ -515,7 +542,8 @@ def save_checkpoint(out_dir, step: int, policy, tokenizer, optimizer, scheduler,
         policy.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         torch.save(optim, tmp / "optimizer.pt")
-        torch.save({"step": step, "scheduler": scheduler.state_dict(), **state},
+        torch.save({"step": step, "scheduler": scheduler.state_dict(),
+                    "data": file_fingerprint(cfg.data.train_file), **state},
                    tmp / "trainer_state.pt")
         with open(tmp / "config.yaml", "w") as f:
             yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
@@ -523,13 +551,63 @@ def save_checkpoint(out_dir, step: int, policy, tokenizer, optimizer, scheduler,
     torch.save(rng_states(rngs), tmp / f"rng_state_{rank}.pt")
     barrier()
     if rank == 0:
+        fsync_tree(tmp)  # every file on disk before the rename makes the folder count
         if path.exists():  # the same step saved again (a resumed run): replace it
             shutil.rmtree(path)
         os.replace(tmp, path)
+        fsync_tree(path.parent, files=False)  # the rename itself on disk
         for old in checkpoint_dirs(out_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old)
     barrier()
     return path
+
+
+def checkpoint_problem(path: Path, world: int) -> str | None:
+    """What makes a checkpoint folder unusable (a missing or unreadable file), or None.
+
+    Reads only headers and indices (mmap, safetensors' header): cheap even for 7B weights. A
+    truncated file fails here (a zip without its central directory, a safetensors file shorter
+    than its header says), so a resume never starts from half a checkpoint.
+    """
+    from safetensors import safe_open
+
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        return "no model weights (*.safetensors)"
+    for name in ["trainer_state.pt", "optimizer.pt"] + [f"rng_state_{r}.pt" for r in range(world)]:
+        if not (path / name).exists():
+            return (f"{name} is missing" + (" (resume with as many ranks as the run had)"
+                                            if name.startswith("rng") else ""))
+        try:
+            torch.load(path / name, weights_only=True, mmap=True)
+        except Exception as e:
+            return f"{name} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
+    for w in weights:
+        try:
+            with safe_open(w, "pt") as f:
+                f.keys()
+        except Exception as e:
+            return f"{w.name} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
+    return None
+
+
+def newest_checkpoint(out_dir: Path, world: int, verbose: bool) -> Path:
+    """The newest checkpoint-<step> folder that is complete and readable. A broken newer one
+    (a file truncated by a full disk, say) is named and passed over for the one before it."""
+    problems = []
+    for path in reversed(checkpoint_dirs(out_dir)):
+        problem = checkpoint_problem(path, world)
+        if problem is None:
+            for bad, why in problems if verbose else []:
+                print(f"warning: {bad}: {why}; resuming from {path.name} instead "
+                      f"(delete {bad} to silence this)")
+            return path
+        problems.append((path, problem))
+    if not problems:
+        raise InputError(f"--resume: no checkpoint-<step> folder in {out_dir}")
+    raise InputError(f"--resume: no usable checkpoint in {out_dir}: "
+                     + "; ".join(f"{p.name}: {why}" for p, why in problems)
+                     + ". Start a new run (a new log.output_dir) instead")
 
 
 def load_checkpoint(path, policy, optimizer, scheduler, rngs: dict) -> dict:
@@ -545,19 +623,40 @@ def load_checkpoint(path, policy, optimizer, scheduler, rngs: dict) -> dict:
                              options=StateDictOptions(full_state_dict=True))
     state = torch.load(path / "trainer_state.pt", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
-    rng_file = path / f"rng_state_{rank}.pt"
-    if not rng_file.exists():
-        raise InputError(f"{rng_file}: missing; resume with as many ranks as the run had")
-    set_rng_states(rngs, torch.load(rng_file, weights_only=True))
+    set_rng_states(rngs, torch.load(path / f"rng_state_{rank}.pt", weights_only=True))
     return state
 
 
+def apply_optimizer_settings(optimizer, scheduler, t):
+    """A resumed run trains with the config's learning rate, weight decay and Adam betas: the
+    restored optimizer and schedule would otherwise keep the checkpoint's, whatever the
+    config and the resume warning say. The schedule's position is kept."""
+    scheduler.base_lrs = [t.learning_rate] * len(optimizer.param_groups)
+    for group, schedule in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=t.learning_rate, weight_decay=t.weight_decay,
+                     betas=(t.adam_beta1, t.adam_beta2),
+                     lr=t.learning_rate * schedule(scheduler.last_epoch))
+
+
 def keep_lines_up_to_step(path: Path, step: int):
-    """Drop the JSONL lines of steps after `step`: a resumed run rewrites them (atomically)."""
+    """Drop the JSONL lines of steps after `step`: a resumed run rewrites them (atomically).
+
+    A last line cut short (the run was killed mid-write) is dropped too; a broken line
+    anywhere else is an error that names the file and the line.
+    """
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines(keepends=True)
-            if json.loads(line)["step"] <= step]
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines) and not line.endswith("\n"):
+                break  # half-written by the killed run
+            raise InputError(f"{path} line {n}: not valid JSON; fix or remove the line") from None
+        if record["step"] <= step:
+            keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(keep))
     os.replace(tmp, path)
@@ -589,6 +688,10 @@ def start_run(cfg, resume: bool) -> dict:
     the same global batch), "guidance" the hybrid trigger and substitution slots (per rank);
     python's and torch's own generators (HF sampling) are seeded per rank too;
     out_dir, metrics, samples: where the run writes; ckpt: the checkpoint to resume, or None.
+
+    A run never destroys another run's results: a fresh run (no --resume) into a folder that
+    holds one is refused before anything is written, and --resume refuses a data file that is
+    not the one the checkpoint was trained on (it keeps the data order as row numbers).
     """
     rank, world = init_distributed()
     t = cfg.train
@@ -598,11 +701,19 @@ def start_run(cfg, resume: bool) -> dict:
     out_dir = Path(cfg.log.output_dir)
     ckpt = None
     if resume:
-        found = checkpoint_dirs(out_dir)
-        if not found:
-            raise InputError(f"--resume: no checkpoint-<step> folder in {out_dir}")
-        ckpt = str(found[-1])
-        warn_config_changes(found[-1] / "config.yaml", cfg)
+        ckpt = newest_checkpoint(out_dir, world, verbose=rank == 0)
+        warn_config_changes(ckpt / "config.yaml", cfg)
+        trained_on = torch.load(ckpt / "trainer_state.pt", weights_only=True).get("data")
+        if trained_on not in (None, file_fingerprint(cfg.data.train_file)):
+            raise InputError(f"config key data.train_file: {cfg.data.train_file} is not the file "
+                             f"{ckpt.name} was trained on (the checkpoint keeps the data order as "
+                             f"row numbers); resume with that file, or start a new run in a new "
+                             f"log.output_dir")
+        ckpt = str(ckpt)
+    elif earlier_run(out_dir):
+        raise InputError(f"config key log.output_dir: {out_dir} holds another run "
+                         f"({earlier_run(out_dir)}); continue it with --resume, or give this run "
+                         f"a new log.output_dir (or delete that folder)")
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
@@ -611,21 +722,36 @@ def start_run(cfg, resume: bool) -> dict:
             "samples": out_dir / "samples.jsonl"}
 
 
-def resume_or_begin(run: dict, policy, optimizer, scheduler) -> tuple[list[int], int]:
+def earlier_run(out_dir: Path) -> str | None:
+    """What in out_dir shows that a run wrote there (a checkpoint, logged steps), or None. An
+    evaluation's eval.jsonl, or an empty metrics file left by a run that failed at start-up,
+    is no run to protect."""
+    found = sorted(p.name for p in out_dir.glob("checkpoint-*"))
+    found += [p.name for p in (out_dir / "metrics.jsonl", out_dir / "samples.jsonl")
+              if p.exists() and p.stat().st_size > 0]
+    return ", ".join(found) or None
+
+
+def resume_or_begin(run: dict, policy, optimizer, scheduler, cfg,
+                    usable: list[int]) -> tuple[list[int], int]:
     """(the data order still to come, the first step to run). On --resume: the checkpoint's
-    optimizer, schedule, generators and data order, and the log lines written after it are
-    dropped (the resumed run writes them again). Else ([], 1) and empty log files."""
+    optimizer, schedule, generators and data order, with the config's learning rate, weight
+    decay and betas, and without rows that no longer fit data.max_prompt_length (`usable`);
+    the log lines written after the checkpoint are dropped (the resumed run writes them
+    again). Else ([], 1) and empty log files."""
     if run["ckpt"] is None:
         if run["main"]:
             run["metrics"].write_text("")
             run["samples"].write_text("")
         return [], 1
     state = load_checkpoint(run["ckpt"], policy, optimizer, scheduler, run["rngs"])
+    apply_optimizer_settings(optimizer, scheduler, cfg.train)
     if run["main"]:
         for path in (run["metrics"], run["samples"]):
             keep_lines_up_to_step(path, state["step"])
         print(f"resumed from {run['ckpt']} at step {state['step'] + 1}")
-    return state["order"], state["step"] + 1
+    fits = set(usable)
+    return [i for i in state["order"] if i in fits], state["step"] + 1
 
 
 def load_reference(cfg, policy, ckpt: str | None):
@@ -685,9 +811,39 @@ def engine_refresh(policy, cfg):
         vllm_engine.push_weights(policy.vllm_engine, policy)
 
 
-def log_step(run: dict, step: int, m: dict, line: str, samples: list[dict]):
-    """Rank 0 appends the step's metrics to metrics.jsonl and prints its line; `samples` (one
-    decoded rollout per group, on sampling steps) go to samples.jsonl."""
+def group_samples(rollout: dict, rows: list[dict], group_size: int) -> list[dict]:
+    """The first answer of every group, decoded, for samples.jsonl."""
+    return [{"problem": rows[s // group_size]["problem"], "source": rollout["source"][s],
+             "completion": rollout["texts"][s], "reward": rollout["rewards"][s]}
+            for s in range(0, len(rollout["texts"]), group_size)]
+
+
+def format_metrics(step: int, m: dict) -> str:
+    """AMPO's line per step, nanoGPT style (ghpo.py has its own; the README explains each)."""
+    t = m["time"]
+    return (f"step {step}: reward {m['reward']:.3f} acc {m['accuracy']:.3f} "
+            f"guided {m.get('guided_frac', 0):.2f} comp {m.get('comprehension_picked', float('nan')):.3f} "
+            f"teachers {m.get('teachers_picked', {})} ent {m['entropy']:.3f} len {m['completion_len']:.0f} "
+            f"clip {m['clip_frac']:.3f} gnorm {m['grad_norm']:.3f} loss {m['loss']:+.4f} | "
+            f"gen {t['generate']:.1f}s rew {t['reward']:.1f}s guide {t['guidance']:.1f}s "
+            f"train {t['train']:.1f}s {m['tokens_per_s']:.0f} tok/s")
+
+
+def rollout_metrics(m: dict, rollout: dict, batch: dict, lr: float, group_size: int,
+                    seconds: float) -> dict:
+    """This rank's metrics of the step, added to the rollout function's `m`."""
+    rewards = torch.tensor(rollout["rewards"]).view(-1, group_size)  # [B, G]
+    m["reward"] = float(rewards.mean())
+    m["frac_reward_zero_std"] = float((rewards.std(-1) == 0).float().mean())
+    m["lr"] = lr
+    m["completion_tokens"] = int(batch["completion_mask"].sum())
+    m["time"]["step"] = seconds
+    return m
+
+
+def log_step(run: dict, cfg, step: int, m: dict, line: str, rollout: dict, rows: list[dict]):
+    """Rank 0 appends the step's metrics to metrics.jsonl and prints its line; every
+    log.sample_every steps, the first answer of each group goes to samples.jsonl."""
     from tqdm import tqdm
 
     if not run["main"]:
@@ -697,7 +853,8 @@ def log_step(run: dict, step: int, m: dict, line: str, samples: list[dict]):
     if "eval" in m:
         tqdm.write(f"  eval: {m['eval']}")
     tqdm.write(line)
-    if samples:
+    if cfg.log.sample_every and step % cfg.log.sample_every == 0:
+        samples = group_samples(rollout, rows, cfg.train.num_generations)
         with open(run["samples"], "a") as f:
             f.writelines(json.dumps({"step": step, **s}) + "\n" for s in samples)
         tqdm.write(f"  sample: {samples[0]['completion'][:200]!r} -> reward "
