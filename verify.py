@@ -32,23 +32,29 @@ import time
 
 BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+ANSWER_CLOSE = "</answer>"
+BRACE = re.compile(r"[{}]")
 
 
-def closing_brace(text: str, open_at: int) -> int | None:
-    """Index of the brace that closes the one at text[open_at], or None if it never closes.
+def closing_braces(text: str, start: int = 0) -> dict[int, int]:
+    """{index of a brace: index of the brace that closes it} for every { at or after `start`
+    that closes, in one left-to-right pass with a stack of open braces.
 
-    >>> closing_brace("{a{b}c}d", 0)
-    6
+    A brace's partner depends only on the text after it (the first } where the depth counted
+    from it returns to zero), so any `start` before a brace gives it the same partner. No brace
+    is escaped: \\{ and \\} count like any other.
+
+    >>> closing_braces("{a{b}c}d{")
+    {2: 4, 0: 6}
     """
-    depth = 0
-    for i in range(open_at, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-    return None
+    pairs: dict[int, int] = {}
+    open_at: list[int] = []
+    for m in BRACE.finditer(text, start):
+        if m.group() == "{":
+            open_at.append(m.start())
+        elif open_at:  # a } with nothing open closes nothing
+            pairs[open_at.pop()] = m.start()
+    return pairs
 
 
 def answer_span(text: str) -> tuple[int, int] | None:
@@ -56,6 +62,8 @@ def answer_span(text: str) -> tuple[int, int] | None:
 
     The last complete \\boxed{...} wins; without one, the content of the last <answer> block.
     The trainer uses the span to put the gold answer in place of a teacher's own answer.
+    Linear time: one pass pairs the braces, and the <answer> search stops at the last
+    </answer> (text with many unclosed boxes or tags is cheap, not quadratic).
 
     >>> t = "2 + 2 = \\\\boxed{4}, not \\\\boxed{\\\\frac{1}{2}}"
     >>> s, e = answer_span(t); t[s:e]
@@ -65,11 +73,20 @@ def answer_span(text: str) -> tuple[int, int] | None:
     """
     if not isinstance(text, str):
         return None
-    for m in reversed(list(BOX.finditer(text))):
-        end = closing_brace(text, m.end() - 1)
-        if end is not None:
-            return m.end(), end
-    tags = list(ANSWER_TAG.finditer(text))
+    boxes = [m.end() - 1 for m in BOX.finditer(text)]  # the index of each box's {
+    if boxes:
+        pairs = closing_braces(text, boxes[0])
+        for open_at in reversed(boxes):
+            if open_at in pairs:
+                return open_at + 1, pairs[open_at]
+    # Every match of ANSWER_TAG ends at a </answer>, so searching only up to the last one gives
+    # the same matches. It also keeps the search linear: the regex follows each <answer> to the
+    # next </answer>, and left alone would follow every <answer> with none after it to the end
+    # of the text (quadratic); before the last </answer>, every <answer> it tries finds one.
+    last_close = text.rfind(ANSWER_CLOSE)
+    if last_close < 0:
+        return None
+    tags = list(ANSWER_TAG.finditer(text, 0, last_close + len(ANSWER_CLOSE)))
     if tags:
         return tags[-1].start(1), tags[-1].end(1)
     return None

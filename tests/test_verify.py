@@ -5,6 +5,8 @@ rules decide (percent, units, e^{i pi}).
 """
 
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -129,6 +131,135 @@ def test_answer_span_points_into_the_text():
     s, e = verify.answer_span(t)
     assert t[s:e] == " 9 "
     assert verify.answer_span("no answer") is None
+
+
+# The old, quadratic answer search, kept verbatim as the oracle for the linear one: for each box
+# from the last, it scanned forward for the closing brace (O(n) per box, O(n^2) in all), and
+# ANSWER_TAG.finditer followed every <answer> without a </answer> to the end of the text.
+REFERENCE_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+REFERENCE_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def reference_closing_brace(text, open_at):
+    depth = 0
+    for i in range(open_at, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return None
+
+
+def reference_answer_span(text):
+    if not isinstance(text, str):
+        return None
+    for m in reversed(list(REFERENCE_BOX.finditer(text))):
+        end = reference_closing_brace(text, m.end() - 1)
+        if end is not None:
+            return m.end(), end
+    tags = list(REFERENCE_ANSWER_TAG.finditer(text))
+    if tags:
+        return tags[-1].start(1), tags[-1].end(1)
+    return None
+
+
+def reference_extract_answer(text):
+    span = reference_answer_span(text)
+    if span is None:
+        return None
+    inner = text[span[0]:span[1]]
+    if REFERENCE_BOX.search(inner):
+        return reference_extract_answer(inner)
+    answer = inner.strip().strip("$").strip()
+    return answer or None
+
+
+SPAN_CASES = [
+    "", "nothing", "{}", "}{", "\\boxed", "\\boxed{", "\\boxed{}", "\\boxed{ }", "\\boxed{7}",
+    "\\boxed {7}", "\\boxed\n\t{7}", "\\fbox{8}", "\\fbox {8}", "\\boxed{\\fbox{9}}",
+    "\\boxed{\\frac{1}{\\sqrt{2}}}", "\\boxed{a{b{c}d}e}f}", "\\boxed{{}}}}", "}}}\\boxed{1}",
+    "\\boxed{1} \\boxed{2}", "\\boxed{1} \\boxed{2", "\\boxed{1 \\boxed{2}", "\\boxed{1 \\boxed{2",
+    "\\boxed{\\boxed{\\boxed{3}", "\\boxed{" * 50 + "\\boxed{4}", "\\boxed{4}" + "\\boxed{" * 50,
+    "\\boxed{4}" + "\\boxed{" * 50 + "}" * 20, "\\boxed{\\{1,2\\}}", "\\boxed{\\}", "\\boxed{\\{}",
+    "\\boxed{1}\\boxed{\\{}", "\\boxed{a}\\fbox{b", "\\fbox{a}\\boxed{b", "\\\\boxed{x}",
+    "<answer> 12 </answer>", "<answer></answer>", "<answer>1</answer><answer>2</answer>",
+    "<answer>1</answer><answer>2", "<answer>1<answer>2</answer>", "<answer>1</answer></answer>",
+    "</answer><answer>1", "<answer>\\boxed{5}</answer>", "<answer>\\boxed{5</answer>",
+    "<answer>\\boxed{5</answer>}", "<answer>x</answer> then \\boxed{y}", "\\boxed{y <answer>1</answer>",
+    "<answer>" * 50 + "</answer>", "<answer>1</answer>" + "<answer>" * 50,
+    "<answer>\n multi\nline </answer>", "<answer <answer>>3</answer>", "<answer>></answer>>",
+]
+
+SPAN_TOKENS = ["\\boxed{", "\\fbox{", "\\boxed {", "\\boxed", "\\fbox", "{", "}", "{", "}",
+               "\\{", "\\}", "\\", "<answer>", "</answer>", "<answer", "answer>", "</", "<", ">",
+               "a", "1", " ", "$", "\n"]
+
+
+def random_span_texts(count, seed=0):
+    rng = random.Random(seed)
+    for _ in range(count):
+        yield "".join(rng.choice(SPAN_TOKENS) for _ in range(rng.randrange(0, 40)))
+
+
+@pytest.mark.parametrize("text", SPAN_CASES)
+def test_answer_span_matches_the_old_search_on_hand_made_text(text):
+    assert verify.answer_span(text) == reference_answer_span(text)
+    assert verify.extract_answer(text) == reference_extract_answer(text)
+
+
+def test_answer_span_matches_the_old_search_on_random_text():
+    for text in random_span_texts(20000):
+        assert verify.answer_span(text) == reference_answer_span(text), text
+        assert verify.extract_answer(text) == reference_extract_answer(text), text
+
+
+def test_closing_braces_pairs_every_brace_like_the_old_scan():
+    for text in list(random_span_texts(2000, seed=1)) + SPAN_CASES:
+        for start in (0, len(text) // 2):
+            pairs = verify.closing_braces(text, start)
+            for i in range(start, len(text)):
+                if text[i] == "{":
+                    assert pairs.get(i) == reference_closing_brace(text, i), (text, i)
+            assert all(text[i] == "{" and i >= start for i in pairs)
+
+
+# About a million characters each: the old search needs about an hour on some of them (it is
+# quadratic: each unclosed box or tag is followed to the end of the text), the linear one well
+# under a second. HANG_GUARD_S guards against a hang, not a speed: it is far above the linear
+# search's time on any machine, however busy, so no assertion here depends on the clock.
+HANG_GUARD_S = 120
+ADVERSARIAL = r"""
+import verify
+N = 140_000
+cases = [
+    ("\\boxed{7}" + "\\boxed{" * N, "7"),  # the one closed box comes first
+    ("\\fbox{7}" + "\\fbox{" * N + "{}" * N, "7"),
+    ("\\boxed{7}" + "\\boxed{" * N + "}", ""),  # the last box closes, empty
+    ("<answer> 5 </answer>" + "<answer>" * N, " 5 "),  # then many tags that never close
+    ("<answer>" * N + "</answer>", "<answer>" * (N - 1)),
+    ("<answer>" * N, None),
+    ("\\boxed" + " " * (8 * N), None),  # BOX's \s* cannot backtrack far
+    ("\\boxed " * N, None),
+]
+for text, expected in cases:
+    span = verify.answer_span(text)
+    got = None if span is None else text[span[0]:span[1]]
+    assert got == expected, (text[:40], got if got is None else got[:40])
+assert verify.extract_answer("\\boxed{7}" + "\\boxed{" * N) == "7"
+print("ok")
+"""
+
+
+def test_answer_span_stays_fast_on_many_unclosed_boxes_and_tags():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run([sys.executable, "-c", ADVERSARIAL], cwd=root, capture_output=True,
+                             text=True, timeout=HANG_GUARD_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"answer_span hung (over {HANG_GUARD_S} s) on adversarial text: quadratic?")
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_format_ok_and_repetition():
