@@ -680,6 +680,16 @@ def warn_config_changes(saved: Path, cfg):
 # =============================================================================================
 
 
+def earlier_run(out_dir: Path) -> str | None:
+    """What in out_dir shows that a run wrote there (a checkpoint, logged steps), or None. An
+    evaluation's eval.jsonl, or an empty metrics file left by a run that failed at start-up,
+    is no run to protect."""
+    found = sorted(p.name for p in out_dir.glob("checkpoint-*"))
+    found += [p.name for p in (out_dir / "metrics.jsonl", out_dir / "samples.jsonl")
+              if p.exists() and p.stat().st_size > 0]
+    return ", ".join(found) or None
+
+
 def start_run(cfg, resume: bool) -> dict:
     """What a run sets up before it loads anything, as a dict the training loop reads:
 
@@ -720,16 +730,6 @@ def start_run(cfg, resume: bool) -> dict:
     return {"rank": rank, "world": world, "main": rank == 0, "rngs": rngs, "ckpt": ckpt,
             "out_dir": out_dir, "metrics": out_dir / "metrics.jsonl",
             "samples": out_dir / "samples.jsonl"}
-
-
-def earlier_run(out_dir: Path) -> str | None:
-    """What in out_dir shows that a run wrote there (a checkpoint, logged steps), or None. An
-    evaluation's eval.jsonl, or an empty metrics file left by a run that failed at start-up,
-    is no run to protect."""
-    found = sorted(p.name for p in out_dir.glob("checkpoint-*"))
-    found += [p.name for p in (out_dir / "metrics.jsonl", out_dir / "samples.jsonl")
-              if p.exists() and p.stat().st_size > 0]
-    return ", ".join(found) or None
 
 
 def resume_or_begin(run: dict, policy, optimizer, scheduler, cfg,
