@@ -71,7 +71,8 @@ EQUIVALENCE = [
     # multiple choice
     ("\\boxed{\\text{(B)}}", "B", True),
     ("\\boxed{B}", "B", True),
-    # which answer counts: the last box; <answer> tags when there is no box
+    # which answer counts: the last <answer> block (a box inside it wins), else the last box
+    # (tests/test_official_answers.py: the official AMPO and GHPO rules)
     ("\\boxed{1} then \\boxed{2}", "2", True),
     ("\\boxed{1} then \\boxed{2}", "1", False),
     ("<answer> 42 </answer>", "42", True),
@@ -106,7 +107,9 @@ def test_equivalence_case_count():
     ("\\boxed{$3$}", "3"),
     ("\\boxed{1} and \\boxed{2", "1"),  # an unterminated last box: the last complete one
     ("<answer> 12 </answer>", "12"),
-    ("<answer>x</answer> then \\boxed{y}", "y"),  # a box beats tags
+    ("<answer>x</answer> then \\boxed{y}", "x"),  # the <answer> block is the answer
+    ("\\boxed{y} then <answer>x</answer>", "x"),  # a box before it is a step
+    ("\\boxed{y} then <answer>\\boxed{x}</answer>", "x"),  # a box inside it wins
     ("nothing", None),
     ("\\boxed{ }", None),
     ("", None),
