@@ -349,7 +349,7 @@ def needs_guidance(correct_in_group, strategy: str = "adaptive", rng: random.Ran
                    hybrid_prob: float = 0.3) -> bool:
     """Should this group get teacher responses?
 
-    adaptive (AMPO): iff none of the G rollouts is correct.
+    adaptive (AMPO): iff none of the G rollouts is solved (apply_guidance says which are).
     hybrid: as adaptive, and a solved group too with probability hybrid_prob.
     always: every group (LUFFY-style); never: GRPO.
 
@@ -490,10 +490,14 @@ def apply_guidance(rollout: dict, rows: list[dict], prompt_texts: list[str], mod
     called exactly once per call, on every rank, whether or not the rank has anything to score.
     """
     a, G = cfg.ampo, cfg.train.num_generations
+    # Solved as the official trigger counts it: R > w + 0.5 (w = format_weight; official
+    # mix_dapo_trainer.py L1384), after the repetition penalty. For w < 0.25 that is "correct
+    # and not penalised" (correct: R >= 1 - w; wrong: R <= w; penalised: R <= 0), so with the
+    # penalty off it is the accuracy. The rollouts the teachers may replace are the unsolved.
+    solved = [r > cfg.train.format_weight + 0.5 for r in rollout["rewards"]]
     groups = [i for i in range(len(rows))
               if rows[i]["teachers"] and a.num_off_policy_targets > 0
-              and needs_guidance(rollout["correct"][i * G:(i + 1) * G], a.trigger, rng,
-                                 a.hybrid_prob)]
+              and needs_guidance(solved[i * G:(i + 1) * G], a.trigger, rng, a.hybrid_prob)]
     # Token ids of every candidate teacher: the response, one EOS, cut to the completion budget.
     cand = {i: [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                 for _, t in rows[i]["teachers"]] for i in groups}
@@ -521,8 +525,8 @@ def apply_guidance(rollout: dict, rows: list[dict], prompt_texts: list[str], mod
         else:
             raise ValueError(f"config key ampo.selection: comprehension|random|dataset, "
                              f"got {a.selection!r}")
-        slots = substitution_slots(rollout["correct"][i * G:(i + 1) * G],
-                                   min(a.num_off_policy_targets, n), rng)
+        slots = substitution_slots(solved[i * G:(i + 1) * G], min(a.num_off_policy_targets, n),
+                                   rng)
         for slot, j in zip(slots, order):
             s = i * G + slot
             rollout["completions"][s] = cand[i][j][:cfg.train.max_completion_length]

@@ -129,3 +129,58 @@ def test_answer_rule_is_checked_and_set_by_each_paper_config():
         assert cfg.train.answer_rule == rule, name
     cfg = infra.load_config(str(root / "config.yaml"), [], ampo.Config, ("ghpo",))
     assert cfg.train.answer_rule == "ours"
+
+
+# ---------------------------------------------------------------------------------------------
+# AMPO's trigger after the repetition penalty (mix_dapo_trainer.py L1384)
+# ---------------------------------------------------------------------------------------------
+
+REPEAT = " ".join(["one two three four five six seven eight nine ten"] * 10)  # repetitive
+
+
+def guidance_setup(tiny_model_dir, texts, golds, format_weight, penalty, trigger, k):
+    model, tok = infra.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
+    cfg = ampo.Config()
+    cfg.train.num_generations, cfg.train.max_completion_length = 4, 64
+    cfg.train.format_weight, cfg.train.repetition_penalty = format_weight, penalty
+    cfg.ampo.trigger, cfg.ampo.num_off_policy_targets, cfg.ampo.selection = trigger, k, "dataset"
+    rows = [{"problem": f"What is {g}?", "messages": None, "answer": g, "solution": None,
+             "teachers": [(f"t{j}", f"\\boxed{{{g}}}") for j in range(3)]} for g in golds]
+    prompts = [infra.build_prompt(tok, r, cfg.data.prompt_template, None) for r in rows]
+    gold_per_text = [g for g in golds for _ in range(4)]
+    rewards, correct = verify.reward_batch(texts, gold_per_text, format_weight, penalty,
+                                           workers=0, rule="ampo")
+    rollout = {"completions": [[7]] * len(texts), "rewards": rewards, "correct": correct,
+               "off_policy": [False] * len(texts), "truncated": [False] * len(texts),
+               "source": ["policy"] * len(texts), "texts": list(texts)}
+    return rollout, rows, prompts, model, tok, cfg
+
+
+def test_a_group_whose_only_correct_answer_is_repetitive_is_guided(tiny_model_dir):
+    # group 0: the only correct answer repeats itself: reward 0.9 + 0.1 - 1 = 0.0, not > 0.6
+    # group 1: one clean correct answer (1.0): solved, not guided
+    texts = [REPEAT + " <answer> 4 </answer>", "<answer> 5 </answer>", "\\boxed{6}", "no",
+             "<answer> 7 </answer>", "<answer> 8 </answer>", "\\boxed{9}", "no"]
+    rollout, rows, prompts, model, tok, cfg = guidance_setup(
+        tiny_model_dir, texts, ["4", "7"], 0.1, True, "adaptive", 2)
+    assert rollout["correct"][:4] == [True, False, False, False]  # the accuracy says solved
+    assert rollout["rewards"][0] == pytest.approx(0.0)
+    # GHPO's is_hard reads the accuracy alone (official ghpo_trainer.py L997-L1000: the
+    # accuracy reward column): for GHPO group 0 is solved
+    import ghpo
+    assert ghpo.is_hard(rollout["correct"][:4]) is False
+    m = ampo.apply_guidance(rollout, rows, prompts, model, tok, cfg, random.Random(0))
+    assert m["guided_frac"] == 0.5
+    assert sum(rollout["off_policy"][:4]) == 2 and not any(rollout["off_policy"][4:])
+
+
+def test_teachers_replace_every_unsolved_rollout_and_keep_the_solved_one(tiny_model_dir):
+    # trigger always, k = 3, w = 0.1, penalty on. Solved (official L1384, R > 0.1 + 0.5): a
+    # correct answer without tags (0.9). Unsolved, so the slots (official incorrect_positions,
+    # L1385-L1387): the repetitive correct one (0.0), a wrong tagged one (0.1), a wrong one (0.0)
+    texts = ["\\boxed{4}", REPEAT + " <answer> 4 </answer>", "<answer> 5 </answer>", "\\boxed{6}"]
+    rollout, rows, prompts, model, tok, cfg = guidance_setup(
+        tiny_model_dir, texts, ["4"], 0.1, True, "always", 3)
+    assert rollout["rewards"] == pytest.approx([0.9, 0.0, 0.1, 0.0])
+    ampo.apply_guidance(rollout, rows, prompts, model, tok, cfg, random.Random(0))
+    assert rollout["off_policy"] == [False, True, True, True]
