@@ -104,6 +104,7 @@ class TrainConfig:
     scale_rewards: bool = False  # divide advantages by the group std (the paper's Eq. 6)
     format_weight: float = 0.0  # reward = (1-w) correct + w format (official: 0.1)
     repetition_penalty: bool = False  # official: -1 on non-zero rewards of repetitive text
+    answer_rule: str = "ours"  # ours | ampo | ghpo: which answer counts (verify.py section 1)
     verifier_workers: int = 2  # processes of verify.verify_batch
     verifier_timeout: float = 5.0  # seconds (whole) per math-verify call; a timeout is wrong
     # Scale (infra.py, section 4): under torchrun, DDP replicates the model on every rank;
@@ -183,6 +184,7 @@ def check_config(cfg: Config, world: int = 1):
     infra.one_of(cfg.model.dtype, tuple(infra.DTYPES), "model.dtype")
     infra.one_of(t.loss_type, LOSS_TYPES, "train.loss_type")
     infra.one_of(t.parallelism, ("ddp", "fsdp"), "train.parallelism")
+    infra.one_of(t.answer_rule, verify.RULES, "train.answer_rule")
     infra.one_of(a.trigger, TRIGGERS, "ampo.trigger")
     infra.one_of(a.selection, SELECTIONS, "ampo.selection")
     infra.one_of(a.comprehension_score, COMPREHENSION_SCORES, "ampo.comprehension_score")
@@ -278,7 +280,7 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, max_new
 def score_completions(texts: list[str], golds: list[str], cfg: TrainConfig):
     """(rewards, correct) for decoded completions; `correct` ignores format and penalties."""
     return verify.reward_batch(texts, golds, format_weight=cfg.format_weight,
-                               repetition_penalty=cfg.repetition_penalty,
+                               repetition_penalty=cfg.repetition_penalty, rule=cfg.answer_rule,
                                workers=cfg.verifier_workers, timeout=cfg.verifier_timeout)
 
 
@@ -347,7 +349,7 @@ def needs_guidance(correct_in_group, strategy: str = "adaptive", rng: random.Ran
                    hybrid_prob: float = 0.3) -> bool:
     """Should this group get teacher responses?
 
-    adaptive (AMPO): iff none of the G rollouts is correct.
+    adaptive (AMPO): iff none of the G rollouts is solved (apply_guidance says which are).
     hybrid: as adaptive, and a solved group too with probability hybrid_prob.
     always: every group (LUFFY-style); never: GRPO.
 
@@ -488,10 +490,14 @@ def apply_guidance(rollout: dict, rows: list[dict], prompt_texts: list[str], mod
     called exactly once per call, on every rank, whether or not the rank has anything to score.
     """
     a, G = cfg.ampo, cfg.train.num_generations
+    # Solved as the official trigger counts it: R > w + 0.5 (w = format_weight; official
+    # mix_dapo_trainer.py L1384), after the repetition penalty. For w < 0.25 that is "correct
+    # and not penalised" (correct: R >= 1 - w; wrong: R <= w; penalised: R <= 0), so with the
+    # penalty off it is the accuracy. The rollouts the teachers may replace are the unsolved.
+    solved = [r > cfg.train.format_weight + 0.5 for r in rollout["rewards"]]
     groups = [i for i in range(len(rows))
               if rows[i]["teachers"] and a.num_off_policy_targets > 0
-              and needs_guidance(rollout["correct"][i * G:(i + 1) * G], a.trigger, rng,
-                                 a.hybrid_prob)]
+              and needs_guidance(solved[i * G:(i + 1) * G], a.trigger, rng, a.hybrid_prob)]
     # Token ids of every candidate teacher: the response, one EOS, cut to the completion budget.
     cand = {i: [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                 for _, t in rows[i]["teachers"]] for i in groups}
@@ -519,8 +525,8 @@ def apply_guidance(rollout: dict, rows: list[dict], prompt_texts: list[str], mod
         else:
             raise ValueError(f"config key ampo.selection: comprehension|random|dataset, "
                              f"got {a.selection!r}")
-        slots = substitution_slots(rollout["correct"][i * G:(i + 1) * G],
-                                   min(a.num_off_policy_targets, n), rng)
+        slots = substitution_slots(solved[i * G:(i + 1) * G], min(a.num_off_policy_targets, n),
+                                   rng)
         for slot, j in zip(slots, order):
             s = i * G + slot
             rollout["completions"][s] = cand[i][j][:cfg.train.max_completion_length]
@@ -963,7 +969,7 @@ def evaluate(model, tokenizer, cfg: Config, path: str, rank: int = 0, world: int
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         golds = [r["answer"] for r in chunk for _ in range(n)]
         correct += verify.verify_batch(texts, golds, workers=t.verifier_workers,
-                                       timeout=t.verifier_timeout)
+                                       timeout=t.verifier_timeout, rule=t.answer_rule)
     per_problem = [sum(correct[i * n:(i + 1) * n]) for i in range(len(rows))]  # c per problem
     # Sums over this rank's problems, then over ranks; then the means over all problems.
     sums = all_sum([sum(correct)] + [sum(pass_at_k(n, c, k) for c in per_problem)

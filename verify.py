@@ -6,8 +6,9 @@
 
 Three steps, each its own function:
 
-  1. find the final answer: the last \\boxed{...} (nested braces handled), else the last
-     <answer>...</answer> block (the official AMPO data uses those tags);
+  1. find the final answer, by one of three rules (`train.answer_rule`, section 1):
+     ours: the last <answer>...</answer> block (a \\boxed{} inside it wins), else the last
+     \\boxed{...}; ampo and ghpo: the official codes' rules;
   2. compare it with the gold answer using math-verify, so 1/2, 0.5 and \\frac{1}{2} agree;
   3. turn that into a reward, optionally with the official format and repetition terms.
 
@@ -57,54 +58,114 @@ def closing_braces(text: str, start: int = 0) -> dict[int, int]:
     return pairs
 
 
-def answer_span(text: str) -> tuple[int, int] | None:
-    """Character span [start, end) of the final answer in `text`, or None.
+def last_box(text: str, start: int = 0, end: int | None = None) -> tuple[int, int] | None:
+    """Span of the content of the last complete \\boxed{...} inside text[start:end], or None.
 
-    The last complete \\boxed{...} wins; without one, the content of the last <answer> block.
-    The trainer uses the span to put the gold answer in place of a teacher's own answer.
-    Linear time: one pass pairs the braces, and the <answer> search stops at the last
-    </answer> (text with many unclosed boxes or tags is cheap, not quadratic).
+    Linear time: one pass pairs the braces, so text with many unclosed boxes is cheap.
+
+    >>> last_box("\\\\boxed{1} \\\\boxed{2")  # an unterminated box does not count
+    (7, 8)
+    """
+    end = len(text) if end is None else end
+    boxes = [m.end() - 1 for m in BOX.finditer(text, start, end)]  # the index of each box's {
+    if boxes:
+        pairs = closing_braces(text[:end], boxes[0])
+        for open_at in reversed(boxes):
+            if open_at in pairs:
+                return open_at + 1, pairs[open_at]
+    return None
+
+
+# Which answer counts, three rules (train.answer_rule), all on the decoded response:
+#
+#   ours  the last <answer>...</answer> block, and inside it the last \boxed{} if it has one;
+#         without a block, the last \boxed{} anywhere. A box in the reasoning before the block
+#         is a step, not the answer.
+#   ampo  the official AMPO grader (verl/utils/reward_score/prime_math_train/__init__.py,
+#         compute_score L455-L466, for training under reward_impl_version 5): <think> removed,
+#         then, if the text has both tags, the last <answer> block (L461-L462; tags in the wrong
+#         order leave an empty answer), and in it the last \boxed{} (match_answer, L394-L398).
+#         Not here: match_answer's text heuristics ("answer is", "=", the last sentence) and
+#         the PRIME grader itself; see the README.
+#   ghpo  the official GHPO accuracy reward (src/open_r1/rewards.py L53-L72): math-verify's
+#         LaTeX extraction with boxes first (boxed_match_priority 0) and no unanchored LaTeX
+#         (try_extract_without_anchor False): the last \boxed{} anywhere, else the last math
+#         ($...$, $$...$$, \(...\), \[...\], a bare \frac{a}{b}) that follows the word "answer"
+#         (the <answer> tag has it) within 50 characters, in math-verify's anchor order. A bare
+#         <answer> 42 </answer> has no answer.
+RULES = ("ours", "ampo", "ghpo")
+THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+_NUM = r"-?\d+(?:[.,]\d+)?"
+# math-verify's LaTeX environments (parser.py, make_latex_env_pattern), their content capped at
+# 1,000 characters: uncapped, 50,000 characters of unclosed "answer \(" take ~50 s to search
+# (math-verify stops that with its timeout); no real final answer is that long.
+_IN = "{1,1000}?"
+MATH = "|".join([
+    rf"(?<!\\)\$\$((?:[^$]|\$(?!\$)){_IN})(?<!\\)\$\$",
+    rf"(?<!\\)\\\[((?:[^\\]|\\(?!\])){_IN})(?<!\\)\\\]",
+    rf"(?<!\\|\d)\$((?:\\[$]|[^\n$]){_IN})(?<!\\)\$",
+    rf"(?<!\\)\\\(((?:[^\\\n]|\\(?!\))){_IN})(?<!\\)\\\)",
+    r"\s\[([^\n\]\[]+?)\]\s", rf"(-?\\frac{{{_NUM}}}{{{_NUM}}})"])
+ANCHORED = [re.compile(anchor + f"(?:{MATH})", re.DOTALL) for anchor in (  # in priority order
+    r"(?i:final answer.{0,100}?)\s+is:?\s*", r"(?i:answer):.{0,50}?", r"(?i:answer).{0,50}?")]
+
+
+def answer_span(text: str, rule: str = "ours") -> tuple[int, int] | None:
+    """Character span [start, end) of the final answer in `text` under `rule`, or None.
+
+    The trainer also uses the span to put the gold answer in place of a teacher's own answer.
 
     >>> t = "2 + 2 = \\\\boxed{4}, not \\\\boxed{\\\\frac{1}{2}}"
     >>> s, e = answer_span(t); t[s:e]
     '\\\\frac{1}{2}'
-    >>> s, e = answer_span("so <answer> 12 </answer>"); "so <answer> 12 </answer>"[s:e]
-    ' 12 '
+    >>> t = "so \\\\boxed{3}? <answer> 12 </answer>"
+    >>> [t[slice(*answer_span(t, rule))] for rule in RULES]
+    [' 12 ', ' 12 ', '3']
     """
     if not isinstance(text, str):
         return None
-    boxes = [m.end() - 1 for m in BOX.finditer(text)]  # the index of each box's {
-    if boxes:
-        pairs = closing_braces(text, boxes[0])
-        for open_at in reversed(boxes):
-            if open_at in pairs:
-                return open_at + 1, pairs[open_at]
+    if rule == "ghpo":
+        box = last_box(text)
+        if box is not None:
+            return box
+        for anchor in ANCHORED:  # the match that ends last, as math-verify's first_match takes
+            found = list(anchor.finditer(text))
+            if found:
+                m = found[-1]
+                return next(m.span(g) for g in range(1, m.re.groups + 1) if m.group(g))
+        return None
+    if rule == "ampo":  # <think> blocks blanked out: the same text without them, same offsets
+        text = THINK.sub(lambda m: " " * len(m.group()), text)
+    elif rule != "ours":
+        raise ValueError(f"config key train.answer_rule: one of {'|'.join(RULES)}, got {rule!r}")
     # Every match of ANSWER_TAG ends at a </answer>, so searching only up to the last one gives
     # the same matches. It also keeps the search linear: the regex follows each <answer> to the
     # next </answer>, and left alone would follow every <answer> with none after it to the end
     # of the text (quadratic); before the last </answer>, every <answer> it tries finds one.
     last_close = text.rfind(ANSWER_CLOSE)
-    if last_close < 0:
-        return None
-    tags = list(ANSWER_TAG.finditer(text, 0, last_close + len(ANSWER_CLOSE)))
-    if tags:
-        return tags[-1].start(1), tags[-1].end(1)
-    return None
+    blocks = (list(ANSWER_TAG.finditer(text, 0, last_close + len(ANSWER_CLOSE)))
+              if last_close >= 0 else [])
+    if not blocks and rule == "ampo" and "<answer>" in text and "</answer>" in text:
+        return None  # the official extract_last_answer returns "" here
+    if blocks:
+        start, end = blocks[-1].span(1)
+        return last_box(text, start, end) or (start, end)
+    return last_box(text)
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer of a response, stripped of spaces and dollars, or None.
+def extract_answer(text: str, rule: str = "ours") -> str | None:
+    """The final answer of a response under `rule`, stripped of spaces and dollars, or None.
 
     >>> extract_answer("First \\\\boxed{1}. Finally \\\\boxed{\\\\frac{3}{4}}.")
     '\\\\frac{3}{4}'
     >>> extract_answer("<answer> $42$ </answer>"), extract_answer("no answer here")
     ('42', None)
     """
-    span = answer_span(text)
+    span = answer_span(text, rule)
     if span is None:
         return None
     inner = text[span[0]:span[1]]
-    if BOX.search(inner):  # an <answer> block that itself holds a \boxed{}
+    if BOX.search(inner):  # a box inside the answer (\boxed{\boxed{1}}, $\boxed{1}$)
         return extract_answer(inner)
     answer = inner.strip().strip("$").strip()
     return answer or None
@@ -120,16 +181,17 @@ def extract_answer(text: str) -> str | None:
 # timeout is rounded up; math-verify turns a timeout into an empty parse or a False.
 
 
-def is_correct(response: str, gold: str, timeout: float = 5.0) -> bool:
+def is_correct(response: str, gold: str, timeout: float = 5.0, rule: str = "ours") -> bool:
     """Does the response's final answer equal the gold answer (given bare: 1/2, (1,2), 42)?
 
-    `timeout` bounds each parse and comparison math-verify makes (a few per answer).
+    `timeout` bounds each parse and comparison math-verify makes (a few per answer); `rule`
+    says which answer counts (section 1).
 
     >>> is_correct("\\\\boxed{0.5}", "\\\\frac{1}{2}"), is_correct("\\\\boxed{21}", "12")
     (True, False)
     """
     try:
-        answer = extract_answer(response)
+        answer = extract_answer(response, rule)
         if answer is None:
             return False
         gold = str(gold).strip().strip("$").strip()
@@ -199,13 +261,14 @@ def combine(correct: bool, response: str, format_weight: float, repetition_penal
 
 
 def reward(response: str, gold: str, format_weight: float = 0.0,
-           repetition_penalty: bool = False) -> float:
+           repetition_penalty: bool = False, rule: str = "ours") -> float:
     """The reward of one response.
 
     >>> reward("<answer> 4 </answer>", "4", 0.1), reward("\\\\boxed{4}", "4", 0.1)
     (1.0, 0.9)
     """
-    return combine(is_correct(response, gold), response, format_weight, repetition_penalty)
+    return combine(is_correct(response, gold, rule=rule), response, format_weight,
+                   repetition_penalty)
 
 
 # =============================================================================================
@@ -250,10 +313,10 @@ def _worker(conn):
     conn.send("ready")
     while True:
         try:
-            response, gold, timeout = conn.recv()
+            response, gold, timeout, rule = conn.recv()
         except EOFError:  # this process is closing the pool, or is gone
             return
-        conn.send(is_correct(response, gold, timeout))
+        conn.send(is_correct(response, gold, timeout, rule))
 
 
 def _start_worker():
@@ -302,7 +365,7 @@ def _receive(worker, results: list[bool]):
 
 
 def verify_batch(responses: list[str], golds: list[str], workers: int = 2,
-                 timeout: float = 5.0) -> list[bool]:
+                 timeout: float = 5.0, rule: str = "ours") -> list[bool]:
     """is_correct for every (response, gold) pair, in order; a timeout or error is False.
 
     `timeout` (whole seconds) limits each parse and comparison math-verify makes for an item;
@@ -316,7 +379,7 @@ def verify_batch(responses: list[str], golds: list[str], workers: int = 2,
     if len(responses) != len(golds):
         raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
     if workers <= 0:
-        return [is_correct(r, g, timeout) for r, g in zip(responses, golds)]
+        return [is_correct(r, g, timeout, rule) for r, g in zip(responses, golds)]
     while len(_workers) > workers:
         _stop_worker(_workers[-1])
     while len(_workers) < workers:
@@ -330,7 +393,7 @@ def verify_batch(responses: list[str], golds: list[str], workers: int = 2,
                 if worker["ready"] and worker["item"] is None and todo:
                     i = todo.pop()
                     try:
-                        worker["conn"].send((responses[i], golds[i], timeout))
+                        worker["conn"].send((responses[i], golds[i], timeout, rule))
                     except OSError:  # it died while idle: _receive replaces it, i waits
                         todo.append(i)
                         continue
@@ -353,11 +416,11 @@ def verify_batch(responses: list[str], golds: list[str], workers: int = 2,
 
 
 def reward_batch(responses: list[str], golds: list[str], format_weight: float = 0.0,
-                 repetition_penalty: bool = False, workers: int = 2,
-                 timeout: float = 5.0) -> tuple[list[float], list[bool]]:
+                 repetition_penalty: bool = False, workers: int = 2, timeout: float = 5.0,
+                 rule: str = "ours") -> tuple[list[float], list[bool]]:
     """(rewards, correct) for a batch. `correct` is the accuracy alone, without format or
-    penalty: it is what AMPO's trigger and the logged accuracy use."""
-    correct = verify_batch(responses, golds, workers, timeout)
+    penalty: it is what GHPO's trigger and the logged accuracy use (AMPO's reads the reward)."""
+    correct = verify_batch(responses, golds, workers, timeout, rule)
     rewards = [combine(c, r, format_weight, repetition_penalty) for c, r in zip(correct, responses)]
     return rewards, correct
 
@@ -366,9 +429,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Check a response's final answer.")
     parser.add_argument("response", help="the model's response text")
     parser.add_argument("gold", help="the gold answer, bare (e.g. 1/2)")
+    parser.add_argument("--rule", choices=RULES, default="ours", help="which answer counts")
     args = parser.parse_args(argv)
-    print(f"answer: {extract_answer(args.response)}")
-    print(f"correct: {is_correct(args.response, args.gold)}")
+    print(f"answer: {extract_answer(args.response, args.rule)}")
+    print(f"correct: {is_correct(args.response, args.gold, rule=args.rule)}")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ EQUIVALENCE = [
     # multiple choice
     ("\\boxed{\\text{(B)}}", "B", True),
     ("\\boxed{B}", "B", True),
-    # which answer counts: the last box; <answer> tags when there is no box
+    # which answer counts: the last <answer> block (a box inside it wins), else the last box
+    # (tests/test_official_answers.py: the official AMPO and GHPO rules)
     ("\\boxed{1} then \\boxed{2}", "2", True),
     ("\\boxed{1} then \\boxed{2}", "1", False),
     ("<answer> 42 </answer>", "42", True),
@@ -108,7 +109,9 @@ def test_equivalence_case_count():
     ("\\boxed{$3$}", "3"),
     ("\\boxed{1} and \\boxed{2", "1"),  # an unterminated last box: the last complete one
     ("<answer> 12 </answer>", "12"),
-    ("<answer>x</answer> then \\boxed{y}", "y"),  # a box beats tags
+    ("<answer>x</answer> then \\boxed{y}", "x"),  # the <answer> block is the answer
+    ("\\boxed{y} then <answer>x</answer>", "x"),  # a box before it is a step
+    ("\\boxed{y} then <answer>\\boxed{x}</answer>", "x"),  # a box inside it wins
     ("nothing", None),
     ("\\boxed{ }", None),
     ("", None),
@@ -133,9 +136,11 @@ def test_answer_span_points_into_the_text():
     assert verify.answer_span("no answer") is None
 
 
-# The old, quadratic answer search, kept verbatim as the oracle for the linear one: for each box
-# from the last, it scanned forward for the closing brace (O(n) per box, O(n^2) in all), and
-# ANSWER_TAG.finditer followed every <answer> without a </answer> to the end of the text.
+# The old, quadratic answer search, kept as the oracle for the linear one: for each box from
+# the last, it scanned forward for the closing brace (O(n) per box, O(n^2) in all), and
+# ANSWER_TAG.finditer followed every <answer> without a </answer> to the end of the text. The
+# search is verbatim; the order of the two (the last <answer> block first, then a box inside
+# it or anywhere) is today's `ours` rule (train.answer_rule), which the linear code must match.
 REFERENCE_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 REFERENCE_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
@@ -152,17 +157,23 @@ def reference_closing_brace(text, open_at):
     return None
 
 
+def reference_last_box(text, start=0, end=None):
+    end = len(text) if end is None else end
+    for m in reversed(list(REFERENCE_BOX.finditer(text, start, end))):
+        close = reference_closing_brace(text[:end], m.end() - 1)
+        if close is not None:
+            return m.end(), close
+    return None
+
+
 def reference_answer_span(text):
     if not isinstance(text, str):
         return None
-    for m in reversed(list(REFERENCE_BOX.finditer(text))):
-        end = reference_closing_brace(text, m.end() - 1)
-        if end is not None:
-            return m.end(), end
     tags = list(REFERENCE_ANSWER_TAG.finditer(text))
     if tags:
-        return tags[-1].start(1), tags[-1].end(1)
-    return None
+        start, end = tags[-1].span(1)
+        return reference_last_box(text, start, end) or (start, end)
+    return reference_last_box(text)
 
 
 def reference_extract_answer(text):
