@@ -138,15 +138,29 @@ def test_aggregate_loss_modes():
         ampo.aggregate_loss(l, m, "bnpo", 2, 3, 4)
 
 
-@pytest.mark.parametrize("mode", ["dr_grpo", "dapo", "grpo"])
+def test_aggregate_loss_group_mean_hand_values():
+    # two groups of two: group 0 holds 3 tokens summing to 6 (token mean 2.0), group 1 holds 4
+    # tokens summing to 14 (token mean 3.5); each group weighs the same: (2.0 + 3.5) / 2
+    l = torch.tensor([[1.0, 2, 5], [3, 7, 9], [4, 4, 4], [2, 0, 0]])
+    m = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]]).bool()
+    group_len = torch.tensor([1.5, 1.5, 2.0, 2.0])  # tokens of the group / G
+    assert float(ampo.aggregate_loss(l, m, "group_mean", 4, group_len=group_len)) == 2.75
+    # the token mean of the whole step weighs groups by their tokens instead: 20 / 7
+    assert float(ampo.aggregate_loss(l, m, "dapo", 4, 7)) == pytest.approx(20 / 7)
+
+
+@pytest.mark.parametrize("mode", ["dr_grpo", "dapo", "grpo", "group_mean"])
 def test_aggregate_loss_split_invariance(mode):
-    # splitting a batch into micro-batches (or ranks) and adding the pieces gives the same loss
+    # splitting a batch into micro-batches (or ranks) and adding the pieces gives the same loss,
+    # even when a micro-batch cuts a group in two (groups of 3, micro-batches of 2)
     torch.manual_seed(0)
     l = torch.randn(6, 5)
     m = torch.rand(6, 5) > 0.3
+    group_len = m.sum(-1).float().view(2, 3).mean(-1).repeat_interleave(3)  # [6]
     norm = dict(num_sequences=6, num_tokens=int(m.sum()), max_completion_length=5)
-    whole = ampo.aggregate_loss(l, m, mode, **norm)
-    parts = sum(ampo.aggregate_loss(l[i:i + 2], m[i:i + 2], mode, **norm) for i in (0, 2, 4))
+    whole = ampo.aggregate_loss(l, m, mode, **norm, group_len=group_len)
+    parts = sum(ampo.aggregate_loss(l[i:i + 2], m[i:i + 2], mode, **norm,
+                                    group_len=group_len[i:i + 2]) for i in (0, 2, 4))
     assert float(parts) == pytest.approx(float(whole), rel=1e-6)
 
 
@@ -472,7 +486,7 @@ def train_once(model, tok, cfg, rollout_rows, off_policy, rewards, old=True):
     return batch
 
 
-@pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo", "grpo"])
+@pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo", "grpo", "group_mean"])
 def test_gradient_does_not_depend_on_micro_batching(tiny, tmp_path, loss_type):
     model, tok = tiny
     cfg = tiny_config("unused", tmp_path, loss_type=loss_type, num_minibatches=1,
@@ -496,6 +510,58 @@ def test_gradient_does_not_depend_on_micro_batching(tiny, tmp_path, loss_type):
     for g in grads[1:]:
         for name in g:
             assert torch.allclose(g[name], grads[0][name], atol=1e-6, rtol=1e-4), name
+
+
+def step_gradients(model, batch, cfg):
+    """The gradient of one train_on_batch (SGD at learning rate 0 keeps the weights)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    captured = {}
+    opt.register_step_pre_hook(lambda *_: captured.update(
+        {n: p.grad.clone() for n, p in model.named_parameters()}))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+    metrics = ampo.train_on_batch(model, opt, sched, batch, cfg, 0.1)
+    return captured, metrics
+
+
+def test_group_mean_is_the_official_ghpo_loss(tiny, tmp_path):
+    """GHPO's trainer (hkgc-1/GHPO src/ghpo/ghpo_trainer.py) with its recipe
+    (recipes/Qwen2.5-Math-7B/ghpo/config_ghpo.yaml L42 per_device_train_batch_size 8 = L37
+    num_generations 8, L21 gradient_accumulation_steps 28): the accumulated batch is split in
+    order into micro-batches of one group each (L811-L820), each takes TRL's default loss_type
+    bnpo (ghpo_config.py L369-L370): per_token_loss = -min(r A, clip(r) A) (L1993-L1997),
+    loss = sum(l M) / sum(M).clamp(min=1) (L2003-L2004); the Trainer divides each micro-batch
+    loss by the accumulation steps (model_accepts_loss_kwargs False, L577) and the ranks
+    average: the step's loss is the mean over groups of each group's token mean."""
+    model, tok = tiny
+    cfg = tiny_config("unused", tmp_path, loss_type="group_mean", num_minibatches=1,
+                      entropy_coeff=0.0, max_grad_norm=1e9, micro_batch_size=3)
+    G = cfg.train.num_generations
+    lengths = [1, 2, 1, 1, 8, 6, 8, 7, 3, 5, 4, 2]  # a short group, a long one, a middle one
+    comps = [[10 + (i + j) % 40 for j in range(n)] for i, n in enumerate(lengths)]
+    rollout = {"prompts": ["a b c", "d e", "f"], "completions": comps, "off_policy": [False] * 12,
+               "rewards": [1.0, 0, 0, 1, 0, 1, 1, 0, 1, 0, 0, 0]}
+    batch = ampo.build_batch(tok, rollout, cfg.train)
+    batch["old_logp"] = batch["ref_logp"] = None
+    ours, _ = step_gradients(model, batch, cfg.train)
+    # the official loss, written out on the whole batch
+    model.zero_grad()
+    mask = batch["completion_mask"].float()  # [12, C]
+    logp, _ = ampo.completion_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                       mask.shape[1], cfg.train.temperature)
+    A = batch["advantages"].unsqueeze(1)  # [12, 1]
+    coef_1 = torch.exp(logp - logp.detach())  # num_iterations 1: old = logp.detach()
+    coef_2 = torch.clamp(coef_1, 1 - cfg.train.epsilon, 1 + cfg.train.epsilon_high)
+    per_token_loss = -torch.min(coef_1 * A, coef_2 * A)
+    group_losses = [(per_token_loss[g:g + G] * mask[g:g + G]).sum()
+                    / mask[g:g + G].sum().clamp(min=1.0) for g in range(0, 12, G)]
+    (sum(group_losses) / len(group_losses)).backward()
+    official = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for n in official:
+        assert torch.allclose(ours[n], official[n], atol=1e-6, rtol=1e-4), n
+    # and the test can tell: the token mean of the step (dapo) gives another gradient
+    cfg.train.loss_type = "dapo"
+    dapo, _ = step_gradients(model, batch, cfg.train)
+    assert not all(torch.allclose(dapo[n], official[n], atol=1e-6, rtol=1e-2) for n in official)
 
 
 def test_train_step_changes_every_parameter_and_lowers_loss(tiny, tmp_path):
