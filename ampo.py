@@ -857,6 +857,9 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
                 stats["on_tokens"] += float(on.sum())
                 stats["teacher_p_sum"] += float((logp.exp() * off).sum())
                 stats["off_tokens"] += float(off.sum())
+                # verl's ppo_kl: mean of log pi_old - log pi; pg_clipfrac_lower: A < 0 and r > c
+                stats["ppo_kl"] += float(((old - logp).clamp(-20, 20) * on).sum())
+                stats["dual_clip_num"] += float(((ratio > cfg.clip_ratio_c) & (A < 0) & on).sum())
         # Gradients are identical on every rank now, so is their norm, so is the update.
         params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -871,13 +874,16 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
         stats["grad_norm"] += float(grad_norm)
         stats["updates"] += 1
     # Sums over ranks: each rank's loss is its share of the global loss, and counts add up.
-    keys = ["loss", "entropy", "kl", "clip_num", "on_tokens", "teacher_p_sum", "off_tokens"]
+    keys = ["loss", "entropy", "kl", "clip_num", "on_tokens", "teacher_p_sum", "off_tokens",
+            "ppo_kl", "dual_clip_num"]
     for key, total in zip(keys, all_sum([stats[k] for k in keys])):
         stats[key] = total
     u = stats["updates"]
     out = {"loss": stats["loss"] / u, "entropy": stats["entropy"] / u, "updates": u,
            "grad_norm": stats["grad_norm"] / u, "skipped_updates": stats["skipped_updates"],
            "clip_frac": stats["clip_num"] / max(stats["on_tokens"], 1),
+           "ppo_kl": stats["ppo_kl"] / max(stats["on_tokens"], 1),
+           "pg_clipfrac_lower": stats["dual_clip_num"] / max(stats["on_tokens"], 1),
            "teacher_token_p": (stats["teacher_p_sum"] / stats["off_tokens"]
                                if stats["off_tokens"] else float("nan"))}
     if "ref_logp" in batch and batch["ref_logp"] is not None:

@@ -164,6 +164,33 @@ def test_aggregate_loss_split_invariance(mode):
     assert float(parts) == pytest.approx(float(whole), rel=1e-6)
 
 
+def test_rollout_metrics_of_the_official_runs():
+    """3 groups of 4 after guidance: group 0 all wrong and unguided, group 1 guided (2 wrong
+    answers + 2 teachers), group 2 all right. Official (SII-Enigma/AMPO, ampo/verl/verl/):
+    adaptive_mix_src/mix_dapo_trainer.py L994-L1017 counts the groups (uids) whose rewards are
+    all 0 (solve_none) or all 1 (solve_all) on the batch after the teachers are mixed in (the
+    mix writes into the same reward tensor, L1279 and L1617); L1026 on_solved, the share of
+    on-policy answers with reward 1; L857-L868 repetition_penalty_rate, the share of answers
+    that detect_repetition_with_hash flags (utils/reward_score/repetition.py: a 10-word window
+    seen 10 times); L925-L946 the mean format reward, workers/reward_manager/format.py L3-L23:
+    1 iff exactly one <answer> and one </answer>, in order."""
+    rep = " ".join(["one two three four five six seven eight nine ten"] * 10)  # 10 x a window
+    rollout = {
+        "rewards": [0.0] * 4 + [0.0, 1.0, 0.0, 1.0] + [1.0] * 4,
+        "correct": [False] * 4 + [False] * 4 + [True] * 4,  # teachers keep the slot's flag
+        "off_policy": [False] * 5 + [True, False, True] + [False] * 4,
+        "texts": ["<answer> 3 </answer>", "no tags", rep, "x",
+                  "<answer> 1 </answer>", "teacher", "<answer> 2", "teacher",
+                  "<answer> 7 </answer>", "a", rep + " <answer> 7 </answer>", "b"]}
+    batch = {"completion_mask": torch.ones(12, 3)}
+    m = infra.rollout_metrics({"time": {}}, rollout, batch, 1e-6, 4, 1.0)
+    assert (m["solve_none"], m["solve_all"]) == (1, 1)  # group 1 is neither
+    own = 10  # the policy's answers: 12 minus 2 teachers
+    assert m["on_solved"] == pytest.approx(4 / own)  # group 2's four
+    assert m["format_rate"] == pytest.approx(4 / own)  # answers 0, 4, 8, 10 ("<answer> 2": no)
+    assert m["repetition_rate"] == pytest.approx(2 / own)  # answers 2 and 10
+
+
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
@@ -564,6 +591,41 @@ def test_group_mean_is_the_official_ghpo_loss(tiny, tmp_path):
     assert not all(torch.allclose(dapo[n], official[n], atol=1e-6, rtol=1e-2) for n in official)
 
 
+def test_train_step_logs_ppo_kl_and_the_dual_clip_fraction(tiny, tmp_path):
+    """pi_old set by hand around the current policy. Official (SII-Enigma/AMPO,
+    ampo/verl/verl/adaptive_mix_src/mix_core_alg.py): ppo_kl = masked mean of
+    -(log pi - log pi_old), clamped to +-20 (L142-L146); on_pg_clipfrac_lower = masked mean of
+    [max(-A r, -A clip(r)) > -A c] * [A < 0] (L186-L195), logged as actor/ppo_kl and
+    actor/pg_clipfrac_lower (mix_actor.py L337-L338). Ours averages over student tokens (the
+    official's mask also holds the teacher's tokens)."""
+    model, tok = tiny
+    cfg = tiny_config("unused", tmp_path, num_minibatches=1, micro_batch_size=3)
+    rewards = [1.0, 0, 0, 0, 1, 1, 0, 0]  # A: group 0 [.75, -.25 x 3], group 1 [.5, .5, -.5, -.5]
+    off = [True] + [False] * 7  # answer 0 is a teacher's
+    batch = train_once(model, tok, cfg, ["what is 2 + 3", "what is 4 + 4"], off, rewards,
+                       old=False)
+    mask = batch["completion_mask"]  # [8, C]
+    logp = ampo.sequence_logprobs(model, batch, 8, 1.0)  # pi_theta before the update
+    delta = torch.full_like(logp, 0.1)  # log pi_old - log pi: r = exp(-0.1) on most tokens
+    delta[1] = delta[6] = -math.log(20.0)  # r = 20 > c = 10 on two answers with A < 0 ...
+    delta[4] = -math.log(20.0)  # ... and on one with A > 0, where the dual clip does not act
+    delta[0] = 5.0  # the teacher's tokens: not counted
+    batch["old_logp"] = logp + delta
+    ratio, A = torch.exp(-delta), batch["advantages"].unsqueeze(1)
+    lower = torch.maximum(-A * ratio, -A * ratio.clamp(0.8, 1.2)) > -A * cfg.train.clip_ratio_c
+    student = mask.clone()
+    student[0] = False
+    expected_kl = float((delta * student).sum() / student.sum())
+    expected_lower = float(((lower & (A < 0)) * student).sum() / student.sum())
+    n_lower = float(mask[1].sum() + mask[6].sum())  # answers 1 and 6, not 4
+    assert expected_lower == pytest.approx(n_lower / float(student.sum()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+    m = ampo.train_on_batch(model, opt, sched, batch, cfg.train, 0.1)
+    assert m["ppo_kl"] == pytest.approx(expected_kl, abs=1e-5)
+    assert m["pg_clipfrac_lower"] == pytest.approx(expected_lower)
+
+
 def test_train_step_changes_every_parameter_and_lowers_loss(tiny, tmp_path):
     model, tok = tiny
     cfg = tiny_config("unused", tmp_path, num_minibatches=1, epsilon=10.0, epsilon_high=10.0,
@@ -609,8 +671,10 @@ def test_train_end_to_end_tiny(tiny_model_dir, tmp_path, trigger):
     lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert [x["step"] for x in lines] == [1, 2]
     for key in ("reward", "accuracy", "entropy", "completion_len", "clip_frac", "grad_norm",
-                "tokens_per_s", "kl", "frac_reward_zero_std"):
+                "tokens_per_s", "kl", "frac_reward_zero_std", "ppo_kl", "pg_clipfrac_lower",
+                "on_solved", "format_rate", "repetition_rate"):
         assert all(math.isfinite(x[key]) for x in lines), key
+    assert all(x["solve_none"] + x["solve_all"] <= 2 for x in lines)  # counts of the 2 groups
     assert set(lines[0]["time"]) >= {"generate", "reward", "guidance", "train", "step"}
     if trigger == "always":  # every group guided: 2 teachers per group of 4
         assert all(x["guided_frac"] == 1.0 for x in lines)
