@@ -227,7 +227,8 @@ def test_main_reports_config_error(tmp_path):
 
 
 @pytest.mark.parametrize("override,match", [
-    ("--train.loss_type=bnpo", r"train.loss_type: one of dr_grpo\|dapo\|grpo, got 'bnpo'"),
+    ("--train.loss_type=bnpo",
+     r"train.loss_type: one of dr_grpo\|dapo\|grpo\|group_mean, got 'bnpo'"),
     ("--train.parallelism=tp", r"train.parallelism: one of ddp\|fsdp, got 'tp'"),
     ("--ampo.trigger=sometimes", r"ampo.trigger: one of adaptive\|hybrid\|always\|never"),
     ("--ampo.selection=best", r"ampo.selection: one of comprehension\|random\|dataset"),
