@@ -100,7 +100,7 @@ class TrainConfig:
     clip_ratio_c: float = 10.0  # dual clip for negative advantages
     beta: float = 0.0  # KL coefficient; AMPO uses none, and then no reference model is built
     entropy_coeff: float = 1e-4  # official nominal 0.001 acts on a ~10x larger loss (README)
-    loss_type: str = "dr_grpo"  # dr_grpo | dapo | grpo, see aggregate_loss()
+    loss_type: str = "dr_grpo"  # dr_grpo | dapo | grpo | group_mean, see aggregate_loss()
     scale_rewards: bool = False  # divide advantages by the group std (the paper's Eq. 6)
     format_weight: float = 0.0  # reward = (1-w) correct + w format (official: 0.1)
     repetition_penalty: bool = False  # official: -1 on non-zero rewards of repetitive text
@@ -165,7 +165,7 @@ class Config:
 
 
 # The allowed values of every enum knob; check_config checks them all before anything loads.
-LOSS_TYPES = ("dr_grpo", "dapo", "grpo")
+LOSS_TYPES = ("dr_grpo", "dapo", "grpo", "group_mean")
 TRIGGERS = ("adaptive", "hybrid", "always", "never")
 SELECTIONS = ("comprehension", "random", "dataset")
 COMPREHENSION_SCORES = ("arith", "geo")
@@ -178,7 +178,7 @@ def check_config(cfg: Config, world: int = 1):
     >>> check_config(Config(train=TrainConfig(loss_type="bnpo")))
     Traceback (most recent call last):
     ...
-    infra.InputError: config key train.loss_type: one of dr_grpo|dapo|grpo, got 'bnpo'
+    infra.InputError: config key train.loss_type: one of dr_grpo|dapo|grpo|group_mean, got 'bnpo'
     """
     t, a, e = cfg.train, cfg.ampo, cfg.eval
     infra.one_of(cfg.model.dtype, tuple(infra.DTYPES), "model.dtype")
@@ -607,7 +607,7 @@ def micro_batch(batch: dict, rows: slice) -> dict:
     for key in ("old_logp", "ref_logp", "off_policy_mask"):
         if batch.get(key) is not None:
             out[key] = batch[key][rows, :C]  # [b, C]
-    out["advantages"] = batch["advantages"][rows]  # [b]
+    out.update({k: batch[k][rows] for k in ("advantages", "group_len") if k in batch})  # [b]
     return out
 
 
@@ -634,7 +634,7 @@ def completion_logprobs(model, input_ids, attention_mask, num_completion: int,
 
 
 def build_batch(tokenizer, rollout: dict, cfg: TrainConfig) -> dict:
-    """Padded tensors and group advantages for the training step.
+    """Padded tensors, group advantages and group lengths (group_mean) for the training step.
 
     Each group is laid out behind the prompt it was sampled from (rollout["prompts"]).
     """
@@ -645,7 +645,8 @@ def build_batch(tokenizer, rollout: dict, cfg: TrainConfig) -> dict:
         seq_prompts, rollout["completions"], tokenizer.pad_token_id)
     rewards = torch.tensor(rollout["rewards"], dtype=torch.float32)  # [N]
     off = torch.tensor(rollout["off_policy"]).unsqueeze(-1) & completion_mask  # [N, C]
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
+    group_len = completion_mask.sum(-1).float().view(-1, G).mean(-1).repeat_interleave(G)  # [N]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "group_len": group_len,
             "completion_mask": completion_mask, "off_policy_mask": off,
             "advantages": group_advantages(rewards, G, cfg.scale_rewards)}  # [N]
 
@@ -736,16 +737,20 @@ def per_token_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages
 
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str,
                    num_sequences: int | None = None, num_tokens: int | None = None,
-                   max_completion_length: int | None = None) -> torch.Tensor:
+                   max_completion_length: int | None = None,
+                   group_len: torch.Tensor | None = None) -> torch.Tensor:
     """Reduce a [B, T] per-token loss of one micro-batch to its share of the step's loss.
 
     The normalisers describe the WHOLE optimizer step (all micro-batches, all ranks), so the
     micro-batch losses simply add up to the step loss and the gradient does not depend on how
     the batch was split. Modes, with M the completion mask and sums over the whole step:
 
-      dr_grpo:  sum_i sum_t M l / (max_completion_length * num_sequences)   (AMPO's code)
-      dapo:     sum_i sum_t M l / num_tokens                                (token mean)
-      grpo:     sum_i (sum_t M l / |o_i|) / num_sequences                   (GRPO paper)
+      dr_grpo:    sum_i sum_t M l / (max_completion_length * num_sequences)   (AMPO's code)
+      dapo:       sum_i sum_t M l / num_tokens                                (token mean)
+      grpo:       sum_i (sum_t M l / |o_i|) / num_sequences                   (GRPO paper)
+      group_mean: sum_i (sum_t M l / group_len_i) / num_sequences             (GHPO's code)
+                  with group_len_i = |o_g| / G, the mean length of i's group g: the mean over
+                  groups of sum_{i in g} sum_t M l / |o_g|, TRL's bnpo with one group a micro-batch
 
     >>> l, m = torch.tensor([[1., 2, 0], [3, 0, 0]]), torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
     >>> [round(float(aggregate_loss(l, m, x, 2, 3, 4)), 4) for x in ("dr_grpo", "dapo", "grpo")]
@@ -758,7 +763,9 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str,
         return masked.sum() / num_tokens
     if mode == "grpo":
         return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / num_sequences
-    raise ValueError(f"config key train.loss_type: dr_grpo|dapo|grpo, got {mode!r}")
+    if mode == "group_mean":
+        return (masked.sum(-1) / group_len).sum() / num_sequences
+    raise ValueError(f"config key train.loss_type: {'|'.join(LOSS_TYPES)}, got {mode!r}")
 
 
 # =============================================================================================
@@ -814,6 +821,7 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
         for s in range(rows.start, rows.stop, cfg.micro_batch_size):
             mb = micro_batch(batch, slice(s, min(s + cfg.micro_batch_size, rows.stop)))
             mb = {k: v.to(device) for k, v in mb.items()}
+            norm["group_len"] = mb.get("group_len")  # [b], whole groups' lengths (group_mean)
             # DDP all-reduces gradients in every backward unless told not to: only the last
             # micro-batch of a mini-batch needs it (the others just accumulate locally).
             last = s + cfg.micro_batch_size >= rows.stop
@@ -855,6 +863,9 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
                 stats["on_tokens"] += float(on.sum())
                 stats["teacher_p_sum"] += float((logp.exp() * off).sum())
                 stats["off_tokens"] += float(off.sum())
+                # verl's ppo_kl: mean of log pi_old - log pi; pg_clipfrac_lower: A < 0 and r > c
+                stats["ppo_kl"] += float(((old - logp).clamp(-20, 20) * on).sum())
+                stats["dual_clip_num"] += float(((ratio > cfg.clip_ratio_c) & (A < 0) & on).sum())
         # Gradients are identical on every rank now, so is their norm, so is the update.
         params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -869,13 +880,16 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
         stats["grad_norm"] += float(grad_norm)
         stats["updates"] += 1
     # Sums over ranks: each rank's loss is its share of the global loss, and counts add up.
-    keys = ["loss", "entropy", "kl", "clip_num", "on_tokens", "teacher_p_sum", "off_tokens"]
+    keys = ["loss", "entropy", "kl", "clip_num", "on_tokens", "teacher_p_sum", "off_tokens",
+            "ppo_kl", "dual_clip_num"]
     for key, total in zip(keys, all_sum([stats[k] for k in keys])):
         stats[key] = total
     u = stats["updates"]
     out = {"loss": stats["loss"] / u, "entropy": stats["entropy"] / u, "updates": u,
            "grad_norm": stats["grad_norm"] / u, "skipped_updates": stats["skipped_updates"],
            "clip_frac": stats["clip_num"] / max(stats["on_tokens"], 1),
+           "ppo_kl": stats["ppo_kl"] / max(stats["on_tokens"], 1),
+           "pg_clipfrac_lower": stats["dual_clip_num"] / max(stats["on_tokens"], 1),
            "teacher_token_p": (stats["teacher_p_sum"] / stats["off_tokens"]
                                if stats["off_tokens"] else float("nan"))}
     if "ref_logp" in batch and batch["ref_logp"] is not None:

@@ -10,7 +10,7 @@ GHPO (Liu et al., arXiv 2507.10628; official code hkgc-1/GHPO) is GRPO with hint
   3. regenerate every hard prompt's whole group from a hinted prompt: the problem followed by
      the first 25% of a worked solution; groups still hard get 50%, then 75%;
   4. train on the final groups with plain GRPO: advantages (R - mean) / (std + 1e-4) within
-     each group, a token-mean policy-gradient loss, no KL.
+     each group, a policy-gradient loss that averages each group's token mean, no KL.
 
 Every step so mixes plain RL (prompts the policy can already solve) with something close to
 imitation (prompts it can solve only after reading part of the answer): a curriculum that
@@ -61,10 +61,13 @@ class GHPOConfig:
 @dataclass
 class Config(ampo.Config):
     # GHPO's loss is TRL's GRPO loss: one update per batch (so the ratio is 1), advantages
-    # scaled by the group std, token-level mean, no entropy bonus, no weight decay, no KL.
+    # scaled by the group std, no entropy bonus, no weight decay, no KL. TRL's default loss,
+    # bnpo, takes a token mean per micro-batch, and the recipe's micro-batch (8 completions,
+    # G = 8) is one group: every group's token mean weighs the same. That is group_mean, exact
+    # whatever our micro_batch_size; dapo would weigh groups by their token counts.
     train: ampo.TrainConfig = field(default_factory=lambda: ampo.TrainConfig(
         max_steps=160, prompts_per_step=112, max_completion_length=2048, learning_rate=1e-6,
-        weight_decay=0.0, num_minibatches=1, entropy_coeff=0.0, loss_type="dapo",
+        weight_decay=0.0, num_minibatches=1, entropy_coeff=0.0, loss_type="group_mean",
         scale_rewards=True))
     # GHPO is GRPO plus hints: AMPO's teachers stay off, whatever a shared config.yaml says.
     ampo: ampo.AMPOConfig = field(default_factory=lambda: ampo.AMPOConfig(

@@ -822,19 +822,40 @@ def format_metrics(step: int, m: dict) -> str:
     """AMPO's line per step, nanoGPT style (ghpo.py has its own; the README explains each)."""
     t = m["time"]
     return (f"step {step}: reward {m['reward']:.3f} acc {m['accuracy']:.3f} "
-            f"guided {m.get('guided_frac', 0):.2f} comp {m.get('comprehension_picked', float('nan')):.3f} "
+            f"guided {m.get('guided_frac', 0):.2f} none/all {m['solve_none']}/{m['solve_all']} "
+            f"comp {m.get('comprehension_picked', float('nan')):.3f} "
             f"teachers {m.get('teachers_picked', {})} ent {m['entropy']:.3f} len {m['completion_len']:.0f} "
-            f"clip {m['clip_frac']:.3f} gnorm {m['grad_norm']:.3f} loss {m['loss']:+.4f} | "
+            f"clip {m['clip_frac']:.3f} ppo_kl {m['ppo_kl']:+.4f} gnorm {m['grad_norm']:.3f} "
+            f"loss {m['loss']:+.4f} | "
             f"gen {t['generate']:.1f}s rew {t['reward']:.1f}s guide {t['guidance']:.1f}s "
             f"train {t['train']:.1f}s {m['tokens_per_s']:.0f} tok/s")
 
 
 def rollout_metrics(m: dict, rollout: dict, batch: dict, lr: float, group_size: int,
                     seconds: float) -> dict:
-    """This rank's metrics of the step, added to the rollout function's `m`."""
+    """This rank's metrics of the step, added to the rollout function's `m`.
+
+    The rates the official runs log, on the batch that trains (after teachers or hints): groups
+    that no answer / every answer solves (counts), and among the policy's own answers the shares
+    that are correct, that pass the <answer>-tag format check and that are repetitive. A
+    teacher's answer counts as solved: every pooled teacher was verified when it was loaded.
+    Worked example: tests/test_ampo.py, test_rollout_metrics_of_the_official_runs.
+    """
     rewards = torch.tensor(rollout["rewards"]).view(-1, group_size)  # [B, G]
     m["reward"] = float(rewards.mean())
     m["frac_reward_zero_std"] = float((rewards.std(-1) == 0).float().mean())
+    solved = torch.tensor([c or o for c, o in zip(rollout["correct"], rollout["off_policy"])])
+    solved = solved.view(-1, group_size)  # [B, G]
+    m["solve_none"], m["solve_all"] = int((~solved.any(-1)).sum()), int(solved.all(-1).sum())
+    own = [i for i, o in enumerate(rollout["off_policy"]) if not o]  # the policy's answers
+    texts = [rollout["texts"][i] for i in own]
+
+    def share(hits):  # of the policy's own answers
+        return sum(hits) / len(own) if own else float("nan")
+
+    m["on_solved"] = share(rollout["correct"][i] for i in own)
+    m["format_rate"] = share(map(verify.format_ok, texts))
+    m["repetition_rate"] = share(map(verify.is_repetitive, texts))
     m["lr"] = lr
     m["completion_tokens"] = int(batch["completion_mask"].sum())
     m["time"]["step"] = seconds

@@ -40,7 +40,8 @@ def global_batch(vocab: int) -> dict:
     input_ids, attention_mask, completion_mask = ampo.pad_sequences(prompts, completions, 0)
     rewards = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
     off = torch.tensor([False, True, False, False, False, False, False, False])
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
+    group_len = completion_mask.sum(-1).float().view(2, 4).mean(-1).repeat_interleave(4)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "group_len": group_len,
             "completion_mask": completion_mask, "off_policy_mask": off[:, None] & completion_mask,
             "advantages": ampo.group_advantages(rewards, 4), "old_logp": None, "ref_logp": None}
 

@@ -138,16 +138,57 @@ def test_aggregate_loss_modes():
         ampo.aggregate_loss(l, m, "bnpo", 2, 3, 4)
 
 
-@pytest.mark.parametrize("mode", ["dr_grpo", "dapo", "grpo"])
+def test_aggregate_loss_group_mean_hand_values():
+    # two groups of two: group 0 holds 3 tokens summing to 6 (token mean 2.0), group 1 holds 4
+    # tokens summing to 14 (token mean 3.5); each group weighs the same: (2.0 + 3.5) / 2
+    l = torch.tensor([[1.0, 2, 5], [3, 7, 9], [4, 4, 4], [2, 0, 0]])
+    m = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]]).bool()
+    group_len = torch.tensor([1.5, 1.5, 2.0, 2.0])  # tokens of the group / G
+    assert float(ampo.aggregate_loss(l, m, "group_mean", 4, group_len=group_len)) == 2.75
+    # the token mean of the whole step weighs groups by their tokens instead: 20 / 7
+    assert float(ampo.aggregate_loss(l, m, "dapo", 4, 7)) == pytest.approx(20 / 7)
+
+
+@pytest.mark.parametrize("mode", ["dr_grpo", "dapo", "grpo", "group_mean"])
 def test_aggregate_loss_split_invariance(mode):
-    # splitting a batch into micro-batches (or ranks) and adding the pieces gives the same loss
+    # splitting a batch into micro-batches (or ranks) and adding the pieces gives the same loss,
+    # even when a micro-batch cuts a group in two (groups of 3, micro-batches of 2)
     torch.manual_seed(0)
     l = torch.randn(6, 5)
     m = torch.rand(6, 5) > 0.3
+    group_len = m.sum(-1).float().view(2, 3).mean(-1).repeat_interleave(3)  # [6]
     norm = dict(num_sequences=6, num_tokens=int(m.sum()), max_completion_length=5)
-    whole = ampo.aggregate_loss(l, m, mode, **norm)
-    parts = sum(ampo.aggregate_loss(l[i:i + 2], m[i:i + 2], mode, **norm) for i in (0, 2, 4))
+    whole = ampo.aggregate_loss(l, m, mode, **norm, group_len=group_len)
+    parts = sum(ampo.aggregate_loss(l[i:i + 2], m[i:i + 2], mode, **norm,
+                                    group_len=group_len[i:i + 2]) for i in (0, 2, 4))
     assert float(parts) == pytest.approx(float(whole), rel=1e-6)
+
+
+def test_rollout_metrics_of_the_official_runs():
+    """3 groups of 4 after guidance: group 0 all wrong and unguided, group 1 guided (2 wrong
+    answers + 2 teachers), group 2 all right. Official (SII-Enigma/AMPO, ampo/verl/verl/):
+    adaptive_mix_src/mix_dapo_trainer.py L994-L1017 counts the groups (uids) whose rewards are
+    all 0 (solve_none) or all 1 (solve_all) on the batch after the teachers are mixed in (the
+    mix writes into the same reward tensor, L1279 and L1617); L1026 on_solved, the share of
+    on-policy answers with reward 1; L857-L868 repetition_penalty_rate, the share of answers
+    that detect_repetition_with_hash flags (utils/reward_score/repetition.py: a 10-word window
+    seen 10 times); L925-L946 the mean format reward, workers/reward_manager/format.py L3-L23:
+    1 iff exactly one <answer> and one </answer>, in order."""
+    rep = " ".join(["one two three four five six seven eight nine ten"] * 10)  # 10 x a window
+    rollout = {
+        "rewards": [0.0] * 4 + [0.0, 1.0, 0.0, 1.0] + [1.0] * 4,
+        "correct": [False] * 4 + [False] * 4 + [True] * 4,  # teachers keep the slot's flag
+        "off_policy": [False] * 5 + [True, False, True] + [False] * 4,
+        "texts": ["<answer> 3 </answer>", "no tags", rep, "x",
+                  "<answer> 1 </answer>", "teacher", "<answer> 2", "teacher",
+                  "<answer> 7 </answer>", "a", rep + " <answer> 7 </answer>", "b"]}
+    batch = {"completion_mask": torch.ones(12, 3)}
+    m = infra.rollout_metrics({"time": {}}, rollout, batch, 1e-6, 4, 1.0)
+    assert (m["solve_none"], m["solve_all"]) == (1, 1)  # group 1 is neither
+    own = 10  # the policy's answers: 12 minus 2 teachers
+    assert m["on_solved"] == pytest.approx(4 / own)  # group 2's four
+    assert m["format_rate"] == pytest.approx(4 / own)  # answers 0, 4, 8, 10 ("<answer> 2": no)
+    assert m["repetition_rate"] == pytest.approx(2 / own)  # answers 2 and 10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +227,8 @@ def test_main_reports_config_error(tmp_path):
 
 
 @pytest.mark.parametrize("override,match", [
-    ("--train.loss_type=bnpo", r"train.loss_type: one of dr_grpo\|dapo\|grpo, got 'bnpo'"),
+    ("--train.loss_type=bnpo",
+     r"train.loss_type: one of dr_grpo\|dapo\|grpo\|group_mean, got 'bnpo'"),
     ("--train.parallelism=tp", r"train.parallelism: one of ddp\|fsdp, got 'tp'"),
     ("--ampo.trigger=sometimes", r"ampo.trigger: one of adaptive\|hybrid\|always\|never"),
     ("--ampo.selection=best", r"ampo.selection: one of comprehension\|random\|dataset"),
@@ -472,7 +514,7 @@ def train_once(model, tok, cfg, rollout_rows, off_policy, rewards, old=True):
     return batch
 
 
-@pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo", "grpo"])
+@pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo", "grpo", "group_mean"])
 def test_gradient_does_not_depend_on_micro_batching(tiny, tmp_path, loss_type):
     model, tok = tiny
     cfg = tiny_config("unused", tmp_path, loss_type=loss_type, num_minibatches=1,
@@ -496,6 +538,93 @@ def test_gradient_does_not_depend_on_micro_batching(tiny, tmp_path, loss_type):
     for g in grads[1:]:
         for name in g:
             assert torch.allclose(g[name], grads[0][name], atol=1e-6, rtol=1e-4), name
+
+
+def step_gradients(model, batch, cfg):
+    """The gradient of one train_on_batch (SGD at learning rate 0 keeps the weights)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    captured = {}
+    opt.register_step_pre_hook(lambda *_: captured.update(
+        {n: p.grad.clone() for n, p in model.named_parameters()}))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+    metrics = ampo.train_on_batch(model, opt, sched, batch, cfg, 0.1)
+    return captured, metrics
+
+
+def test_group_mean_is_the_official_ghpo_loss(tiny, tmp_path):
+    """GHPO's trainer (hkgc-1/GHPO src/ghpo/ghpo_trainer.py) with its recipe
+    (recipes/Qwen2.5-Math-7B/ghpo/config_ghpo.yaml L42 per_device_train_batch_size 8 = L37
+    num_generations 8, L21 gradient_accumulation_steps 28): the accumulated batch is split in
+    order into micro-batches of one group each (L811-L820), each takes TRL's default loss_type
+    bnpo (ghpo_config.py L369-L370): per_token_loss = -min(r A, clip(r) A) (L1993-L1997),
+    loss = sum(l M) / sum(M).clamp(min=1) (L2003-L2004); the Trainer divides each micro-batch
+    loss by the accumulation steps (model_accepts_loss_kwargs False, L577) and the ranks
+    average: the step's loss is the mean over groups of each group's token mean."""
+    model, tok = tiny
+    cfg = tiny_config("unused", tmp_path, loss_type="group_mean", num_minibatches=1,
+                      entropy_coeff=0.0, max_grad_norm=1e9, micro_batch_size=3)
+    G = cfg.train.num_generations
+    lengths = [1, 2, 1, 1, 8, 6, 8, 7, 3, 5, 4, 2]  # a short group, a long one, a middle one
+    comps = [[10 + (i + j) % 40 for j in range(n)] for i, n in enumerate(lengths)]
+    rollout = {"prompts": ["a b c", "d e", "f"], "completions": comps, "off_policy": [False] * 12,
+               "rewards": [1.0, 0, 0, 1, 0, 1, 1, 0, 1, 0, 0, 0]}
+    batch = ampo.build_batch(tok, rollout, cfg.train)
+    batch["old_logp"] = batch["ref_logp"] = None
+    ours, _ = step_gradients(model, batch, cfg.train)
+    # the official loss, written out on the whole batch
+    model.zero_grad()
+    mask = batch["completion_mask"].float()  # [12, C]
+    logp, _ = ampo.completion_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                       mask.shape[1], cfg.train.temperature)
+    A = batch["advantages"].unsqueeze(1)  # [12, 1]
+    coef_1 = torch.exp(logp - logp.detach())  # num_iterations 1: old = logp.detach()
+    coef_2 = torch.clamp(coef_1, 1 - cfg.train.epsilon, 1 + cfg.train.epsilon_high)
+    per_token_loss = -torch.min(coef_1 * A, coef_2 * A)
+    group_losses = [(per_token_loss[g:g + G] * mask[g:g + G]).sum()
+                    / mask[g:g + G].sum().clamp(min=1.0) for g in range(0, 12, G)]
+    (sum(group_losses) / len(group_losses)).backward()
+    official = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for n in official:
+        assert torch.allclose(ours[n], official[n], atol=1e-6, rtol=1e-4), n
+    # and the test can tell: the token mean of the step (dapo) gives another gradient
+    cfg.train.loss_type = "dapo"
+    dapo, _ = step_gradients(model, batch, cfg.train)
+    assert not all(torch.allclose(dapo[n], official[n], atol=1e-6, rtol=1e-2) for n in official)
+
+
+def test_train_step_logs_ppo_kl_and_the_dual_clip_fraction(tiny, tmp_path):
+    """pi_old set by hand around the current policy. Official (SII-Enigma/AMPO,
+    ampo/verl/verl/adaptive_mix_src/mix_core_alg.py): ppo_kl = masked mean of
+    -(log pi - log pi_old), clamped to +-20 (L142-L146); on_pg_clipfrac_lower = masked mean of
+    [max(-A r, -A clip(r)) > -A c] * [A < 0] (L186-L195), logged as actor/ppo_kl and
+    actor/pg_clipfrac_lower (mix_actor.py L337-L338). Ours averages over student tokens (the
+    official's mask also holds the teacher's tokens)."""
+    model, tok = tiny
+    cfg = tiny_config("unused", tmp_path, num_minibatches=1, micro_batch_size=3)
+    rewards = [1.0, 0, 0, 0, 1, 1, 0, 0]  # A: group 0 [.75, -.25 x 3], group 1 [.5, .5, -.5, -.5]
+    off = [True] + [False] * 7  # answer 0 is a teacher's
+    batch = train_once(model, tok, cfg, ["what is 2 + 3", "what is 4 + 4"], off, rewards,
+                       old=False)
+    mask = batch["completion_mask"]  # [8, C]
+    logp = ampo.sequence_logprobs(model, batch, 8, 1.0)  # pi_theta before the update
+    delta = torch.full_like(logp, 0.1)  # log pi_old - log pi: r = exp(-0.1) on most tokens
+    delta[1] = delta[6] = -math.log(20.0)  # r = 20 > c = 10 on two answers with A < 0 ...
+    delta[4] = -math.log(20.0)  # ... and on one with A > 0, where the dual clip does not act
+    delta[0] = 5.0  # the teacher's tokens: not counted
+    batch["old_logp"] = logp + delta
+    ratio, A = torch.exp(-delta), batch["advantages"].unsqueeze(1)
+    lower = torch.maximum(-A * ratio, -A * ratio.clamp(0.8, 1.2)) > -A * cfg.train.clip_ratio_c
+    student = mask.clone()
+    student[0] = False
+    expected_kl = float((delta * student).sum() / student.sum())
+    expected_lower = float(((lower & (A < 0)) * student).sum() / student.sum())
+    n_lower = float(mask[1].sum() + mask[6].sum())  # answers 1 and 6, not 4
+    assert expected_lower == pytest.approx(n_lower / float(student.sum()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+    m = ampo.train_on_batch(model, opt, sched, batch, cfg.train, 0.1)
+    assert m["ppo_kl"] == pytest.approx(expected_kl, abs=1e-5)
+    assert m["pg_clipfrac_lower"] == pytest.approx(expected_lower)
 
 
 def test_train_step_changes_every_parameter_and_lowers_loss(tiny, tmp_path):
@@ -543,8 +672,10 @@ def test_train_end_to_end_tiny(tiny_model_dir, tmp_path, trigger):
     lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert [x["step"] for x in lines] == [1, 2]
     for key in ("reward", "accuracy", "entropy", "completion_len", "clip_frac", "grad_norm",
-                "tokens_per_s", "kl", "frac_reward_zero_std"):
+                "tokens_per_s", "kl", "frac_reward_zero_std", "ppo_kl", "pg_clipfrac_lower",
+                "on_solved", "format_rate", "repetition_rate"):
         assert all(math.isfinite(x[key]) for x in lines), key
+    assert all(x["solve_none"] + x["solve_all"] <= 2 for x in lines)  # counts of the 2 groups
     assert set(lines[0]["time"]) >= {"generate", "reward", "guidance", "train", "step"}
     if trigger == "always":  # every group guided: 2 teachers per group of 4
         assert all(x["guided_frac"] == 1.0 for x in lines)

@@ -129,6 +129,8 @@ def test_ghpo_math_7b_is_the_official_recipe():
         1.0, 1.0, 0.0, 1.0, 42)
     assert (t.beta, t.epsilon, t.epsilon_high, t.num_minibatches) == (0.0, 0.2, 0.2, 1)
     assert (t.scale_rewards, t.entropy_coeff) == (True, 0.0)
+    # TRL's bnpo with per_device_train_batch_size 8 = num_generations: one group a micro-batch
+    assert t.loss_type == "group_mean" and t.loss_type == ghpo.Config().train.loss_type
     assert (t.max_steps, t.warmup_steps) == (5 * (18300 // 112), 82)  # 5 epochs, warmup 0.1
     assert g.hint_ratios == [0.25, 0.5, 0.75] and g.start_hint_step == 0
     assert (g.hint_unit, g.hint_includes_answer) == ("char", True)

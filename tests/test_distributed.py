@@ -34,7 +34,8 @@ def run(args, nproc=1, cwd=ROOT):
 
 
 @pytest.mark.parametrize("loss_type,parallelism", [("dr_grpo", "ddp"), ("dapo", "ddp"),
-                                                    ("grpo", "ddp"), ("dapo", "fsdp")])
+                                                    ("grpo", "ddp"), ("dapo", "fsdp"),
+                                                    ("group_mean", "ddp")])
 def test_two_ranks_update_like_one_process(tiny_model_dir, tmp_path, loss_type, parallelism):
     """One SGD step at learning rate 1 (weights after = weights before - gradient), read back
     from the checkpoint each run writes; FSDP2 runs on CPU with gloo as well."""

@@ -271,7 +271,8 @@ def test_config_yaml_is_shared_by_both_scripts():
     a = infra.load_config("config.yaml", [], ampo.Config, ("ghpo",))
     assert g.ghpo.hint_ratios == [0.25, 0.5, 0.75] and g.ghpo.loss_context == "sampled_prompt"
     # GHPO's own loss defaults, AMPO's teachers off, its own output folder
-    assert (g.train.loss_type, g.train.scale_rewards, g.train.entropy_coeff) == ("dapo", True, 0.0)
+    assert (g.train.loss_type, g.train.scale_rewards, g.train.entropy_coeff) == ("group_mean",
+                                                                                True, 0.0)
     assert g.ampo.trigger == "never" and g.log.output_dir == "runs/ghpo"
     assert (a.train.loss_type, a.train.scale_rewards, a.log.output_dir) == ("dr_grpo", False,
                                                                              "runs/ampo")
@@ -355,7 +356,7 @@ def test_ghpo_train_end_to_end_tiny(tiny_model_dir, tmp_path):
     assert {s["source"] for s in samples} == {"policy", "hint-0.75"}
     ckpt = tmp_path / "run" / "checkpoint-2"
     reloaded = infra.load_config(str(ckpt / "config.yaml"), [], ghpo.Config, ("ampo",))
-    assert reloaded.ghpo.start_hint_step == 1 and reloaded.train.loss_type == "dapo"
+    assert reloaded.ghpo.start_hint_step == 1 and reloaded.train.loss_type == "group_mean"
     assert last["step"] == 2
 
 
