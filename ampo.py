@@ -128,6 +128,7 @@ class AMPOConfig:
     selection: str = "comprehension"  # comprehension | random | dataset (selection ablations)
     comprehension_score: str = "arith"  # arith: mean p (code) | geo: exp(mean log p) (paper)
     comprehension_batch_size: int = 16  # sequences per forward of the scoring pass
+    comprehension_input: str = "span"  # span (ours) | official (<answer> tags, T, format; README)
     shaping_gamma: float = 0.1  # f(p) = p / (p + gamma) on teacher tokens
     teacher_reward: float = 1.0  # reward given to an injected teacher response
 
@@ -169,6 +170,7 @@ LOSS_TYPES = ("dr_grpo", "dapo", "grpo", "group_mean")
 TRIGGERS = ("adaptive", "hybrid", "always", "never")
 SELECTIONS = ("comprehension", "random", "dataset")
 COMPREHENSION_SCORES = ("arith", "geo")
+COMPREHENSION_INPUTS = ("span", "official")
 
 
 def check_config(cfg: Config, world: int = 1):
@@ -188,6 +190,7 @@ def check_config(cfg: Config, world: int = 1):
     infra.one_of(a.trigger, TRIGGERS, "ampo.trigger")
     infra.one_of(a.selection, SELECTIONS, "ampo.selection")
     infra.one_of(a.comprehension_score, COMPREHENSION_SCORES, "ampo.comprehension_score")
+    infra.one_of(a.comprehension_input, COMPREHENSION_INPUTS, "ampo.comprehension_input")
     for key in ("max_steps", "prompts_per_step", "num_generations", "max_completion_length",
                 "num_minibatches", "micro_batch_size"):
         if getattr(t, key) < 1:
@@ -393,7 +396,9 @@ def substitution_slots(correct_in_group, k: int, rng: random.Random) -> list[int
 #     score = exp(mean_t log p(y*_t | ...))                              (geo, the paper)
 #
 # A teacher whose reasoning leads the student to the answer scores high. Teachers are ranked by
-# the score, ties to the shorter response, and the top k are used.
+# the score, ties to the shorter response, and the top k are used. ampo.comprehension_input:
+# "span" puts the gold in the final answer's span; "official" (the paper configs) rewrites the
+# <answer> block (verify.gold_in_answer_tag), divides logits by T, adds 0.1 * format (README).
 
 
 def select_teachers(scores, lengths, k: int) -> list[int]:
@@ -406,20 +411,19 @@ def select_teachers(scores, lengths, k: int) -> list[int]:
     return order[:k]
 
 
-def comprehension_inputs(tokenizer, prompt: str, response: str, gold: str):
+def comprehension_inputs(tokenizer, prompt: str, response: str, gold: str, rule: str = "span"):
     """Token ids of prompt + response with its final answer replaced by `gold`, and a mask.
 
-    Returns (ids, gold_mask) or None when the response has no final answer to replace. The
-    text is re-tokenized as one string (as the official code does), and the gold tokens are
-    those whose characters overlap the gold answer's span, found with offsets.
+    Returns (ids, gold_mask) or None when the response has no final answer to replace (rule
+    "span": verify.gold_in_final_answer; "official": verify.gold_in_answer_tag). The text is
+    re-tokenized as one string (as the official code does), and the gold tokens are those whose
+    characters overlap the gold's span, found with offsets (official mix_dapo_trainer.py L2225).
     """
-    span = verify.answer_span(response)
-    if span is None:
+    built = (verify.gold_in_answer_tag(response, gold, tokenizer.eos_token) if rule == "official"
+             else verify.gold_in_final_answer(response, gold))
+    if built is None:
         return None
-    start = len(prompt) + span[0]
-    # Text after the answer does not matter: a causal model scores the gold answer from the
-    # text before it only. We keep it so the string stays well formed (e.g. the closing brace).
-    text = prompt + response[:span[0]] + gold + response[span[1]:]
+    text, start = prompt + built[0], len(prompt) + built[1]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     end = start + len(gold)
     gold_mask = [s < end and e > start for s, e in enc["offset_mapping"]]
@@ -430,16 +434,18 @@ def comprehension_inputs(tokenizer, prompt: str, response: str, gold: str):
 
 def comprehension_scores(model, tokenizer, prompts: list[str], responses: list[str],
                          golds: list[str], mode: str = "arith", batch_size: int = 16,
-                         num_batches: int | None = None) -> list[float]:
+                         num_batches: int | None = None, rule: str = "span",
+                         temperature: float = 1.0) -> list[float]:
     """The student's probability of the gold answer after each teacher's reasoning.
 
     One batched, gradient-free pass over all candidates of all guided prompts (the official code
-    made one call per prompt). A response without a final answer to replace scores 0.
+    made one call per prompt). No final answer to replace: p = 0 (rule: comprehension_inputs).
     num_batches: forward passes to run, at least this call's own ceil(#scored / batch_size);
     the extra ones run on a one-token dummy. Under FSDP2 on several ranks every forward is a
     collective, so every rank must run the busiest rank's count (infra.lockstep_fn gives it).
     """
-    items = [comprehension_inputs(tokenizer, p, r, g) for p, r, g in zip(prompts, responses, golds)]
+    items = [comprehension_inputs(tokenizer, p, r, g, rule)
+             for p, r, g in zip(prompts, responses, golds)]
     scores = [0.0] * len(items)
     todo = [i for i, it in enumerate(items) if it is not None]
     was_training = model.training
@@ -462,8 +468,8 @@ def comprehension_scores(model, tokenizer, prompts: list[str], responses: list[s
         ids, attn, gold = ids.to(model.device), attn.to(model.device), gold.to(model.device)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # [n, L, V]
-            # log p(token t | tokens < t), from the logit one column to the left
-            logp = logits[:, :-1].float().log_softmax(-1).gather(
+            # log p(token t | tokens < t) = log_softmax(logits / T), one column to the left
+            logp = logits[:, :-1].float().div_(temperature).log_softmax(-1).gather(  # in place
                 -1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [n, L - 1]
         m = gold[:, 1:].float()  # [n, L - 1] the gold-answer tokens
         n_gold = m.sum(-1)  # [n]
@@ -478,6 +484,8 @@ def comprehension_scores(model, tokenizer, prompts: list[str], responses: list[s
         for row, i in enumerate(chunk):
             scores[i] = float(s[row])
     model.train(was_training)
+    if rule == "official":  # score = 0.9 p + 0.1 format (official reward_manager/prob.py L255)
+        scores = [0.9 * s + 0.1 * verify.format_ok(r) for s, r in zip(scores, responses)]
     return scores
 
 
@@ -507,10 +515,12 @@ def apply_guidance(rollout: dict, rows: list[dict], prompt_texts: list[str], mod
     scores = {}
     if a.selection == "comprehension":
         own = math.ceil(len(scored) / a.comprehension_batch_size)
+        official = a.comprehension_input == "official"  # official: logits / rollout temperature
         values = comprehension_scores(
             model, tokenizer, [prompt_texts[i] for i, _ in scored],
             [rows[i]["teachers"][j][1] for i, j in scored], [rows[i]["answer"] for i, _ in scored],
-            a.comprehension_score, a.comprehension_batch_size, lockstep(own) if lockstep else own)
+            a.comprehension_score, a.comprehension_batch_size, lockstep(own) if lockstep else own,
+            a.comprehension_input, cfg.train.temperature if official else 1.0)
         scores = dict(zip(scored, values))
     picked, picked_scores = Counter(), []
     for i in groups:

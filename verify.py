@@ -171,6 +171,49 @@ def extract_answer(text: str, rule: str = "ours") -> str | None:
     return answer or None
 
 
+def gold_in_final_answer(response: str, gold: str) -> tuple[str, int] | None:
+    """The response with its final answer (answer_span) replaced by `gold`, and where the gold
+    starts, or None without a final answer. The text after the answer is kept so the string
+    stays well formed (the closing brace); a causal model scores the gold from what precedes it.
+
+    >>> gold_in_final_answer("so \\\\boxed{12}.", "13")
+    ('so \\\\boxed{13}.', 10)
+    >>> gold_in_final_answer("<answer> 1 </answer>", "2")  # the block's spaces go too
+    ('<answer>2</answer>', 8)
+    """
+    span = answer_span(response)
+    if span is None:
+        return None
+    return response[:span[0]] + gold + response[span[1]:], span[0]
+
+
+def gold_in_answer_tag(response: str, gold: str, eos: str) -> tuple[str, int] | None:
+    """The official AMPO comprehension text of one teacher, and where the gold answer starts.
+
+    official: verl/adaptive_mix_src/mix_dapo_trainer.py, replace_answer_with_gt_batch with the
+    release's format_mode R1_nothink. The response (EOS appended, L2014-L2015) must hold exactly
+    one "<answer>" (L2031-L2040), else None (the official gold mask is empty: score 0). The text
+    is kept up to that tag, then "<answer>" + the teacher's own whitespace after the tag, one
+    space if none (L2055-L2067) + gold + " " (L2028, L2073) + "</answer>" + EOS (L2083-L2086);
+    the teacher's "</answer>" and anything after it are dropped. The gold starts at the last
+    occurrence of gold before "</answer>" + EOS (L2114-L2115, L1924). The official check that
+    something follows the tag (L2052) cannot fail: the appended EOS always does.
+
+    >>> gold_in_answer_tag("so <answer>\\n 12 </answer> done", "13", "<E>")
+    ('so <answer>\\n 13 </answer><E>', 13)
+    >>> gold_in_answer_tag("<answer></answer>", "7", "<E>")  # an empty block is scored too
+    ('<answer> 7 </answer><E>', 9)
+    >>> gold_in_answer_tag("\\\\boxed{7}", "7", "<E>") is None  # no tag: score 0 (+ format 0)
+    True
+    """
+    if response.count("<answer>") != 1:
+        return None
+    head, after = (response + eos).split("<answer>")
+    space = after[:len(after) - len(after.lstrip(" \n\t\r"))] or " "
+    text = head + "<answer>" + space + gold + " </answer>" + eos
+    return text, text[:-len("</answer>" + eos)].rfind(gold)
+
+
 # =============================================================================================
 # 2. Equivalence with math-verify
 # =============================================================================================

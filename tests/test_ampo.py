@@ -233,6 +233,7 @@ def test_main_reports_config_error(tmp_path):
     ("--ampo.trigger=sometimes", r"ampo.trigger: one of adaptive\|hybrid\|always\|never"),
     ("--ampo.selection=best", r"ampo.selection: one of comprehension\|random\|dataset"),
     ("--ampo.comprehension_score=harmonic", r"ampo.comprehension_score: one of arith\|geo"),
+    ("--ampo.comprehension_input=tags", r"ampo.comprehension_input: one of span\|official"),
     ("--model.dtype=fp8", r"model.dtype: one of float32\|bfloat16\|float16"),
     ("--train.micro_batch_size=0", r"train.micro_batch_size: at least 1"),
     ("--ampo.hybrid_prob=1.5", r"ampo.hybrid_prob: in \[0, 1\]"),
@@ -457,6 +458,82 @@ def test_comprehension_scores_match_a_direct_computation(tiny):
     assert single == pytest.approx(arith, rel=1e-4)
 
 
+# The official comprehension text, by hand. official: verl/adaptive_mix_src/mix_dapo_trainer.py,
+# replace_answer_with_gt_batch under the release's format_mode R1_nothink: the response + EOS
+# (L2014-L2015) must hold exactly one "<answer>" (L2031-L2040); the text is kept up to it, then
+# "<answer>" + the teacher's whitespace after the tag, " " if none (L2055-L2067) + gold + " "
+# (L2028, L2073) + "</answer>" + EOS (L2083-L2086). The content check (L2052) sees the appended
+# EOS, so an empty block or a block without "</answer>" is scored too.
+EOS = "<|im_end|>"
+OFFICIAL_TEXTS = [  # (teacher response, the official text of its response part, or None)
+    ("12 + 30 = 42. <answer> 42 </answer>", "12 + 30 = 42. <answer> 42 </answer>" + EOS),
+    ("so <answer>41</answer> done", "so <answer> 42 </answer>" + EOS),  # no space: one
+    ("so <answer>\n\n41\n</answer>", "so <answer>\n\n42 </answer>" + EOS),  # its own whitespace
+    ("so <answer> \t 4 1 </answer>", "so <answer> \t 42 </answer>" + EOS),
+    ("so <answer>  </answer>", "so <answer>  42 </answer>" + EOS),  # whitespace only
+    ("so <answer></answer>", "so <answer> 42 </answer>" + EOS),  # empty: still scored
+    ("so <answer> 41", "so <answer> 42 </answer>" + EOS),  # no closing tag (a cut teacher)
+    ("so \\boxed{41}", None),  # no tag
+    ("<answer> 1 </answer> then <answer> 41 </answer>", None),  # two blocks
+]
+
+
+def official_gold_tokens(tok, text: str, gold: str):
+    """Token ids of `text` and the official gold positions: the tokens overlapping the last
+    `gold` before "</answer>" + EOS (official mix_dapo_trainer.py L2106, L2114-L2115, L1924,
+    L1935; the mask covers exactly those tokens, L2160-L2170)."""
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    start = text[:-len("</answer>" + EOS)].rfind(gold)
+    return enc["input_ids"], [s < start + len(gold) and e > start for s, e in enc["offset_mapping"]]
+
+
+@pytest.mark.parametrize("response,official", OFFICIAL_TEXTS)
+def test_comprehension_inputs_official_text_and_gold_mask(tiny, response, official):
+    _, tok = tiny
+    prompt = "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n"
+    got = ampo.comprehension_inputs(tok, prompt, response, "42", rule="official")
+    if official is None:  # an empty gold mask: p = 0 (official reward_manager/prob.py L309-L310)
+        assert got is None
+        return
+    ids, mask = official_gold_tokens(tok, prompt + official, "42")
+    assert got == (ids, mask)
+    assert ids[-1] == tok.eos_token_id and tok.decode([t for t, m in zip(ids, mask) if m]) in (
+        "42", " 42", "\n42", "\t42")
+
+
+def official_score_by_hand(model, tok, text, gold, temperature, format_term):
+    """0.9 * mean p(gold token) + 0.1 * format, p from softmax(logits / T) (official:
+    dp_actor.py L272 with mix_fsdp_worker.py L811's rollout temperature; prob.py L318-L319,
+    L255 with format_coefficient 0.1 from train_ampo.sh L186). text None: p = 0 (L309-L310)."""
+    p = 0.0
+    if text is not None:
+        ids, mask = official_gold_tokens(tok, text, gold)
+        with torch.no_grad():
+            probs = (model(torch.tensor([ids])).logits[0] / temperature).softmax(-1)
+        gold_p = [float(probs[t - 1, ids[t]]) for t in range(len(ids)) if mask[t]]
+        p = sum(gold_p) / len(gold_p)
+    return 0.9 * p + 0.1 * format_term
+
+
+def test_comprehension_scores_official_rule_match_a_direct_computation(tiny):
+    model, tok = tiny
+    prompt = "<|im_start|>user\nWhat is 7 + 8?<|im_end|>\n<|im_start|>assistant\n"
+    # (response, its official text by hand, the official format term by hand: exactly one
+    # <answer> and one </answer>, in order; official verl/workers/reward_manager/format.py L3-L24)
+    cases = [("7 + 8 = 15. <answer> 15 </answer>", "7 + 8 = 15. <answer> 15 </answer>", 1.0),
+             ("Add: <answer>\n16\n</answer> ok", "Add: <answer>\n15 </answer>", 1.0),
+             ("long " * 10 + "<answer>15", "long " * 10 + "<answer> 15 </answer>", 0.0),
+             ("<answer> 1 </answer><answer> 15 </answer>", None, 0.0),
+             ("7 + 8 = \\boxed{15}", None, 0.0)]
+    got = ampo.comprehension_scores(model, tok, [prompt] * 5, [c[0] for c in cases], ["15"] * 5,
+                                    "arith", 2, rule="official", temperature=0.7)
+    for (_, official, fmt), score in zip(cases, got):
+        text = None if official is None else prompt + official + EOS
+        assert score == pytest.approx(official_score_by_hand(model, tok, text, "15", 0.7, fmt),
+                                      abs=1e-6)
+    assert got[3] == got[4] == 0.0 and got[0] > 0.1
+
+
 def tiny_config(model_dir, tmp_path, **train):
     cfg = infra.load_config(None, [], ampo.Config, ("ghpo",))
     cfg.model.name_or_path = model_dir
@@ -499,6 +576,24 @@ def test_apply_guidance_replaces_wrong_rollouts_with_ranked_teachers(tiny, tmp_p
     assert all(rollout["texts"][i].endswith("}") for i in picked)  # the teacher's text
     assert 0.0 <= m["comprehension_picked"] <= 1.0
     assert sum(m["teachers_picked"].values()) == 2
+
+
+def test_apply_guidance_official_rule_scores_at_the_rollout_temperature(tiny, tmp_path):
+    model, tok = tiny
+    cfg = tiny_config("unused", tmp_path, max_completion_length=64, temperature=0.5)
+    cfg.ampo.comprehension_input = "official"
+    prompt = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    rows = [{"answer": "5", "teachers": [("boxed", "2 + 3 = \\boxed{5}"),
+                                         ("tags", "2 + 3 = 5. <answer>5</answer>")]}]
+    rollout = {"completions": [[7]] * 4, "rewards": [0.0] * 4, "correct": [False] * 4,
+               "off_policy": [False] * 4, "truncated": [True] * 4, "source": ["policy"] * 4,
+               "texts": ["x"] * 4}
+    m = ampo.apply_guidance(rollout, rows, [prompt], model, tok, cfg, random.Random(0))
+    # boxed: no <answer> tag, no format: 0; tags: T = train.temperature (official
+    # mix_fsdp_worker.py L811), format 1
+    tags = official_score_by_hand(model, tok, prompt + "2 + 3 = 5. <answer> 5 </answer>" + EOS,
+                                  "5", 0.5, 1.0)
+    assert m["comprehension_mean"] == pytest.approx(tags / 2, abs=1e-6)
 
 
 def train_once(model, tok, cfg, rollout_rows, off_policy, rewards, old=True):

@@ -94,10 +94,18 @@ def test_ampo_7b_is_the_release_run():
     assert (t.format_weight, t.repetition_penalty, t.entropy_coeff) == (0.1, True, 1e-4)
     assert (a.trigger, a.num_off_policy_targets, a.max_available_targets) == ("adaptive", 2, 4)
     assert (a.selection, a.comprehension_score) == ("comprehension", "arith")
+    assert a.comprehension_input == "official"  # <answer> rewrite, logits / T, + 0.1 format
     assert (a.shaping_gamma, a.teacher_reward) == (0.1, 1.0)
     assert (t.parallelism, t.bf16, t.use_vllm, t.vllm_enable_sleep_mode) == ("fsdp", True, True,
                                                                             True)
     assert (cfg.log.save_every, cfg.eval.every, cfg.eval.temperature) == (50, 10, 0.6)
+
+
+def test_embedded_default_scores_comprehension_on_the_boxed_span():
+    """config.yaml's teachers answer in \\boxed{} without <answer> tags: under the official rule
+    every one would score 0 (README, comprehension rows)."""
+    cfg = infra.load_config("config.yaml", [], ampo.Config, ("ghpo",))
+    assert cfg.ampo.comprehension_input == "span"
 
 
 def test_ampo_1_5b_is_the_dev_recipe():
