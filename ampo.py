@@ -910,7 +910,7 @@ def evaluate(model, tokenizer, cfg: Config, path: str, rank: int = 0, world: int
     counts are summed over ranks with all_sum (infra.all_sum).
     """
     e, t = cfg.eval, cfg.train
-    rows, _ = infra.load_dataset(path, 0, t.verifier_workers)
+    rows, _ = infra.load_dataset(path, 0, t.verifier_workers, timeout=t.verifier_timeout)
     rows = rows[:e.max_problems or None]
     total = len(rows)
     share = math.ceil(total / world)

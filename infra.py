@@ -138,8 +138,13 @@ def read_records(path: str) -> list[dict]:
 
         return pq.read_table(path).to_pylist()
     rows = []
-    with open(path) as f:
+    with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte names its line
         for n, line in enumerate(f, 1):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path} line {n}: not valid UTF-8 (byte {line[e.start]:#04x} "
+                                 f"at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -154,6 +159,9 @@ def read_records(path: str) -> list[dict]:
 def normalise_row(rec: dict, where: str) -> dict:
     """One row of any supported schema -> {problem, messages, answer, solution, teachers}.
 
+    Anything malformed is an error naming the row rather than a row quietly dropped or
+    changed: a wrong file usually has the same fault in every row, and should be fixed once.
+
     >>> r = normalise_row({"problem": "1+1?", "answer": 2,
     ...                    "teachers": [{"source": "a", "response": "\\\\boxed{2}"}]}, "x")
     >>> r["answer"], r["teachers"]
@@ -165,41 +173,80 @@ def normalise_row(rec: dict, where: str) -> dict:
             messages = messages.tolist()
         if not isinstance(messages, list) or not messages:
             raise InputError(f"{where}: 'prompt' must be a non-empty chat list")
-        gold = (rec.get("reward_model") or {}).get("ground_truth")
+        reward_model = rec.get("reward_model") or {}
+        if not isinstance(reward_model, dict):
+            raise InputError(f"{where}: 'reward_model' must be an object with 'ground_truth'")
+        gold = reward_model.get("ground_truth")
         problem = next((m["content"] for m in messages if m.get("role") == "user"), None)
         teachers = [(t.get("source") or f"teacher-{i}", t.get("content"))
-                    for i, t in enumerate(rec.get("target_lst") or [])]
+                    for i, t in enumerate(teacher_list(rec, "target_lst", where))]
         solution = None
-    else:  # simple schema, or the official GHPO one (solution = gold, solution_hint = worked)
+    else:
         messages, problem = None, rec.get("problem")
-        if "answer" in rec:
+        if "answer" in rec:  # simple schema
             gold, solution = rec["answer"], rec.get("solution")
-        else:
-            gold, solution = rec.get("solution"), rec.get("solution_hint")
+        elif "solution_hint" in rec:  # official GHPO: solution = gold, solution_hint = worked
+            gold, solution = rec.get("solution"), rec["solution_hint"]
+        else:  # a simple row without its answer: its worked solution must not become the gold
+            gold, solution = None, rec.get("solution")
         teachers = [(t.get("source") or f"teacher-{i}", t.get("response"))
-                    for i, t in enumerate(rec.get("teachers") or [])
-                    if isinstance(t, dict)]
+                    for i, t in enumerate(teacher_list(rec, "teachers", where))]
     if not isinstance(problem, str) or not problem.strip():
         raise InputError(f"{where}: missing 'problem' (or a user message in 'prompt')")
-    if gold is None or str(gold).strip() == "":
-        raise InputError(f"{where}: missing the gold answer ('answer' or "
-                         f"'reward_model.ground_truth')")
-    if verify.BOX.search(str(gold)):  # a MATH-style worked solution given as gold: its \boxed{}
-        gold = verify.extract_answer(str(gold)) or gold
+    gold = gold_text(gold, where)
+    if verify.BOX.search(gold):  # a MATH-style worked solution given as gold: its \boxed{}
+        gold = verify.extract_answer(gold) or gold
     for source, text in teachers:
         if not isinstance(text, str):
             raise InputError(f"{where}: teacher {source!r} has no response text")
-    return {"problem": problem, "messages": messages, "answer": str(gold),
+    return {"problem": problem, "messages": messages, "answer": gold,
             "solution": solution, "teachers": teachers}
 
 
+def teacher_list(rec: dict, key: str, where: str) -> list[dict]:
+    """rec[key] as a list of objects; absent or null is no teachers. Anything else is an error:
+    ignoring it would quietly train the row with no teacher at all (plain GRPO)."""
+    value = rec.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InputError(f"{where}: '{key}' must be a list of objects, got "
+                         f"{type(value).__name__}")
+    for i, t in enumerate(value):
+        if not isinstance(t, dict):
+            raise InputError(f"{where}: {key}[{i}] must be an object, got {type(t).__name__}")
+    return value
+
+
+def gold_text(gold, where: str) -> str:
+    """The gold answer as text: a string, or an int or finite float (a numeric column). A list,
+    a mapping, a bool or NaN would become Python's text of it ("['1', '2']", "True", "nan"),
+    which no answer ever matches: the row would train as unsolvable, with no error.
+
+    >>> gold_text(7, "x"), gold_text(0.5, "x")
+    ('7', '0.5')
+    >>> gold_text(float("nan"), "data.parquet row 3")
+    Traceback (most recent call last):
+    ...
+    infra.InputError: data.parquet row 3: the gold answer must be text or a number, got nan
+    """
+    if gold is None or (isinstance(gold, str) and not gold.strip()):
+        raise InputError(f"{where}: missing the gold answer ('answer'; GHPO's schema: "
+                         f"'solution' beside 'solution_hint'; AMPO's: 'reward_model.ground_truth')")
+    if (isinstance(gold, bool) or not isinstance(gold, (str, int, float))
+            or (isinstance(gold, float) and not math.isfinite(gold))):
+        raise InputError(f"{where}: the gold answer must be text or a number, got {gold!r}")
+    return str(gold)
+
+
 def load_dataset(path: str, max_teachers: int = 4, workers: int = 2,
-                 require_solution: bool = False) -> tuple[list[dict], dict]:
+                 require_solution: bool = False, timeout: float = 5.0) -> tuple[list[dict], dict]:
     """Read and check a data file. Teachers whose answer does not verify are dropped.
 
     Returns (rows, stats); stats counts rows and teachers kept and dropped, which the run
     prints, because a pool with silently wrong teachers would teach wrong answers.
     require_solution (GHPO's hints): every row needs a worked solution, checked before training.
+    workers and timeout are verify.verify_batch's (the run passes train.verifier_*).
     """
     if not os.path.exists(path):
         raise InputError(f"data file not found: {path}")
@@ -218,7 +265,7 @@ def load_dataset(path: str, max_teachers: int = 4, workers: int = 2,
         row["teachers"] = row["teachers"][:max_teachers]
     flat = [(i, t) for i, row in enumerate(rows) for t in row["teachers"]]
     ok = verify.verify_batch([t[1] for _, t in flat], [rows[i]["answer"] for i, _ in flat],
-                             workers=workers)
+                             workers=workers, timeout=timeout)
     keep = {}
     for (i, t), good in zip(flat, ok):
         if good:
@@ -640,7 +687,8 @@ def load_prompts(cfg, tokenizer, require_solution: bool, verbose: bool):
     """The training rows, their chat-formatted prompts, and the indices of the rows whose prompt
     fits data.max_prompt_length tokens (the others are dropped, and counted)."""
     rows, stats = load_dataset(cfg.data.train_file, cfg.ampo.max_available_targets,
-                               cfg.train.verifier_workers, require_solution)
+                               cfg.train.verifier_workers, require_solution,
+                               timeout=cfg.train.verifier_timeout)
     texts = [build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt)
              for r in rows]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
