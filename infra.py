@@ -23,6 +23,7 @@ import math
 import os
 import random
 import shutil
+import string
 import sys
 from pathlib import Path
 
@@ -48,7 +49,16 @@ def coerce(value, default, key: str):
     """Convert a YAML or command-line value to the type of the field's default.
 
     YAML reads `1e-6` as a string and `--train.max_steps=3` arrives as text, so numbers are
-    converted here; anything that does not fit is an error that names the key.
+    converted here; anything that does not fit is an error that names the key. NaN and inf are
+    never meant (`--train.learning_rate=nan` would train NaN weights from the first step), and
+    a bool is no number (`--train.temperature=true` would quietly sample at 1.0).
+
+    >>> coerce("1e-6", 0.1, "train.learning_rate")
+    1e-06
+    >>> coerce("nan", 0.1, "train.learning_rate")  # what --train.learning_rate=nan gives
+    Traceback (most recent call last):
+    ...
+    infra.InputError: config key train.learning_rate: not a finite number, got nan
     """
     if isinstance(default, bool):  # bool before int: True is an int in Python
         if isinstance(value, bool):
@@ -58,16 +68,57 @@ def coerce(value, default, key: str):
             return value
     elif isinstance(default, float):
         try:
-            return float(value)
+            number = None if isinstance(value, bool) else float(value)
         except (TypeError, ValueError):
-            pass
+            number = None
+        if number is not None:
+            return finite(number, key)
     elif isinstance(default, list):
         if isinstance(value, list):
-            return value
+            return [finite(x, key) if isinstance(x, float) else x for x in value]
     elif default is None or isinstance(default, str):
         if value is None or isinstance(value, str):
             return value
     raise InputError(f"config key {key}: expected {type(default).__name__}, got {value!r}")
+
+
+def finite(number: float, key: str) -> float:
+    """The number, unless it is NaN or infinite: then an error naming the key."""
+    if not math.isfinite(number):
+        raise InputError(f"config key {key}: not a finite number, got {number}")
+    return number
+
+
+def read_yaml(path: str) -> dict:
+    """The sections of a YAML config file. A missing file, a non-UTF-8 byte or a YAML syntax
+    error is an error that names the file and the line, not a traceback."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InputError(f"config file {path}: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"config file {path} line {line}: not valid UTF-8") from None
+    except yaml.YAMLError as e:
+        raise yaml_error(f"config file {path}", e) from None
+    if raw is not None and not isinstance(raw, dict):
+        raise InputError(f"config file {path}: expected a mapping of sections, "
+                         f"got {type(raw).__name__}")
+    return raw or {}
+
+
+def yaml_error(where: str, e: Exception, lines: bool = True) -> InputError:
+    """The error for YAML that does not parse: where, the line yaml points at (counted from 1,
+    as an editor shows them; an override is one line) and what yaml says is wrong."""
+    mark, context = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if lines and context is not None and getattr(e, "context", None):
+        what += f"; {e.context} from line {context.line + 1}"
+    line = f" line {mark.line + 1}" if lines and mark is not None else ""
+    return InputError(f"{where}{line}: not valid YAML ({what})")
 
 
 def load_config(path: str | None, overrides: list[str], cls, foreign=()):
@@ -77,12 +128,8 @@ def load_config(path: str | None, overrides: list[str], cls, foreign=()):
     (ampo.py skips the `ghpo:` block of a shared config.yaml, and the reverse). Any other
     unknown section or key is an error that names it, so a typo never trains silently.
     """
-    raw = {}
-    if path:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-        if not isinstance(raw, dict):
-            raise InputError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = read_yaml(path) if path else {}
+    where = path or "overrides"
     for item in overrides:
         if not item.startswith("--") or "=" not in item or "." not in item.split("=")[0]:
             raise InputError(f"override {item!r}: expected --section.key=value")
@@ -90,20 +137,28 @@ def load_config(path: str | None, overrides: list[str], cls, foreign=()):
         section, key = dotted.split(".", 1)
         if section in foreign:
             raise InputError(f"override {item!r}: the {section}: block belongs to {section}.py")
-        raw.setdefault(section, {})
+        if raw.get(section) is None:  # absent, or `train:` with nothing under it in the file
+            raw[section] = {}
         if not isinstance(raw[section], dict):
             raise InputError(f"override {item!r}: section {section} is not a mapping")
-        raw[section][key] = yaml.safe_load(value)
+        try:
+            raw[section][key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise yaml_error(f"override {item!r}", e, lines=False) from None
     cfg = cls()
+    sections = [f.name for f in dataclasses.fields(cfg)]
     for section, values in raw.items():
         if section in foreign:
             continue
-        if not hasattr(cfg, section):
-            raise InputError(f"unknown config section {section!r} in {path or 'overrides'}")
+        if section not in sections:
+            raise InputError(f"unknown config section {section!r} in {where}")
+        if values is not None and not isinstance(values, dict):  # `train: 5`
+            raise InputError(f"config section {section} in {where}: expected its keys, "
+                             f"got {values!r}")
         block = getattr(cfg, section)
         for key, value in (values or {}).items():
             if not any(f.name == key for f in dataclasses.fields(block)):
-                raise InputError(f"unknown config key {section}.{key} in {path or 'overrides'}")
+                raise InputError(f"unknown config key {section}.{key} in {where}")
             setattr(block, key, coerce(value, getattr(block, key), f"{section}.{key}"))
     return cfg
 
@@ -119,6 +174,55 @@ def one_of(value, allowed, key: str):
     """
     if value not in allowed:
         raise InputError(f"config key {key}: one of {'|'.join(map(str, allowed))}, got {value!r}")
+
+
+# The ranges check_config holds numeric knobs to, in words. NaN fails every one of them.
+RULES = {"at least 0": lambda v: v >= 0, "at least 1": lambda v: v >= 1,
+         "at least 2": lambda v: v >= 2, "above 0": lambda v: v > 0, "above 1": lambda v: v > 1,
+         "in [0, 1]": lambda v: 0 <= v <= 1, "in (0, 1]": lambda v: 0 < v <= 1,
+         "in [0, 1)": lambda v: 0 <= v < 1}
+
+
+def check_ranges(cfg, ranges: dict):
+    """An error naming the first key whose value breaks its rule; `ranges` maps a rule of RULES
+    to the dotted keys it holds for, separated by spaces.
+
+    >>> from types import SimpleNamespace as S
+    >>> check_ranges(S(train=S(top_p=1.0, temperature=0.0)),
+    ...              {"in (0, 1]": "train.top_p", "above 0": "train.temperature"})
+    Traceback (most recent call last):
+    ...
+    infra.InputError: config key train.temperature: above 0, got 0.0
+    """
+    for rule, keys in ranges.items():
+        for key in keys.split():
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            if not RULES[rule](value):
+                raise InputError(f"config key {key}: {rule}, got {value}")
+
+
+def check_template(template: str, key: str):
+    """A prompt template holds {problem} and no other field. Without it every prompt would be
+    the template alone, the problem silently dropped; any other {field} (or a lone brace)
+    would make str.format fail at the first prompt. A literal brace is written {{ or }}.
+
+    >>> check_template("{problem}\\nAnswer within \\\\boxed{{}}.", "data.prompt_template")
+    >>> check_template("Solve: {question}", "data.prompt_template")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    infra.InputError: config key data.prompt_template: needs {problem} and no other {field} ...
+    """
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        if fields == {"problem"}:
+            template.format(problem="")  # a bad !conversion or :format after {problem}
+    except ValueError as e:
+        raise InputError(f"config key {key}: {e} (a literal brace is {{{{ or }}}}), "
+                         f"got {template!r}") from None
+    if fields != {"problem"}:
+        raise InputError(f"config key {key}: needs {{problem}} and no other {{field}} (a literal "
+                         f"brace is {{{{ or }}}}), got {template!r}")
 
 
 # =============================================================================================

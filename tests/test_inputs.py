@@ -1,6 +1,6 @@
-"""Nothing lost, nothing silently wrong: every malformed data row is an error that names the
-file and the row, before anything is trained. Each case is a real file written to tmp_path and
-read by the real functions."""
+"""Nothing lost, nothing silently wrong: every bad config value and every malformed data row is
+an error that names the key, or the file and the row, before anything is loaded or trained.
+Each case is a real file written to tmp_path and read by the real functions."""
 
 import json
 import math
@@ -8,6 +8,7 @@ import math
 import pytest
 
 import ampo
+import ghpo
 import infra
 import verify
 
@@ -140,3 +141,128 @@ def test_training_and_eval_data_use_train_verifier_timeout(tiny_model_dir, tmp_p
     cfg.eval.num_samples, cfg.eval.pass_k = 1, [1]
     assert ampo.evaluate(model, tok, cfg, cfg.data.train_file)["avg@1"] == 1.0
     assert timeouts == [7.0, 7.0, 7.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Config values: errors naming the key, before the model or the data is touched
+# ---------------------------------------------------------------------------------------------
+
+
+def run_main(main, tmp_path, *overrides):
+    """main() on config.yaml, with a model and data that do not exist: only an error raised
+    before anything loads can name the key."""
+    main(["--config", "config.yaml", *overrides, "--model.name_or_path=/nonexistent/model",
+          "--data.train_file=/nonexistent/train.jsonl", f"--log.output_dir={tmp_path / 'run'}"])
+
+
+@pytest.mark.parametrize("override, match", [
+    # a group of one is its own baseline: advantage 0 (NaN with scale_rewards), nothing learnt
+    ("--train.num_generations=1", r"train.num_generations: at least 2, got 1"),
+    ("--train.num_generations=0", r"train.num_generations: at least 2, got 0"),
+    ("--train.learning_rate=-1e-6", r"train.learning_rate: at least 0, got -1e-06"),
+    ("--train.weight_decay=-0.1", r"train.weight_decay: at least 0, got -0.1"),
+    ("--train.max_completion_length=0", r"train.max_completion_length: at least 1, got 0"),
+    ("--train.temperature=0", r"train.temperature: above 0, got 0.0"),
+    ("--train.top_p=1.5", r"train.top_p: in \(0, 1\], got 1.5"),
+    ("--train.top_p=0", r"train.top_p: in \(0, 1\], got 0.0"),
+    ("--train.epsilon=-0.2", r"train.epsilon: at least 0, got -0.2"),
+    ("--train.epsilon_high=-0.1", r"train.epsilon_high: at least 0, got -0.1"),
+    ("--eval.temperature=0", r"eval.temperature: above 0, got 0.0"),
+    ("--eval.top_p=2", r"eval.top_p: in \(0, 1\], got 2.0"),
+    ("--train.max_grad_norm=-1", r"train.max_grad_norm: above 0"),
+    ("--train.adam_beta2=1", r"train.adam_beta2: in \[0, 1\)"),
+    ("--train.clip_ratio_c=0.5", r"train.clip_ratio_c: above 1"),
+    ("--ampo.shaping_gamma=0", r"ampo.shaping_gamma: above 0"),
+    ("--train.learning_rate=nan", r"train.learning_rate: not a finite number, got nan"),
+    ("--train.max_grad_norm=.inf", r"train.max_grad_norm: not a finite number, got inf"),
+    ("--train.temperature=true", r"train.temperature: expected float, got True"),
+])
+def test_bad_values_name_the_key_before_anything_loads(tmp_path, override, match):
+    shared = not override.startswith("--ampo.")  # ghpo.py has no ampo: block
+    for main in (ampo.main, ghpo.main) if shared else (ampo.main,):
+        with pytest.raises(SystemExit, match="error: config key " + match):
+            run_main(main, tmp_path, override)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("template, match", [
+    ("Solve it.", r"needs \{problem\} and no other \{field\}"),  # the problem silently dropped
+    ("Solve {question}", r"needs \{problem\} and no other \{field\}"),
+    ("{problem} in {y}", r"needs \{problem\} and no other \{field\}"),
+    ("{problem} in \\boxed{}.", r"needs \{problem\} and no other \{field\}"),  # {} is a field
+    ("x {problem", r"expected '\}' before end of string"),  # str.format's own words
+    ("{problem} }", r"Single '\}' encountered"),
+    ("{problem!z}", r"Unknown conversion specifier z"),
+])
+def test_prompt_template_needs_problem_and_no_other_field(tmp_path, template, match):
+    # in a file, quoted: on the command line YAML would read {problem} as a mapping
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  prompt_template: {json.dumps(template)}\n")
+    for main in (ampo.main, ghpo.main):
+        with pytest.raises(SystemExit, match="error: config key data.prompt_template: " + match):
+            main(["--config", str(path), "--model.name_or_path=/nonexistent/model"])
+
+
+@pytest.mark.parametrize("override, match", [
+    ("--ghpo.start_hint_step=-1", r"ghpo.start_hint_step: at least 0, got -1"),
+    ("--ghpo.hint_ratios=[true]", r"ghpo.hint_ratios: increasing numbers in \(0, 1\]"),
+    ("--ghpo.hint_ratios=[0.5, .nan]", r"ghpo.hint_ratios: not a finite number, got nan"),
+])
+def test_bad_ghpo_values_name_the_key(tmp_path, override, match):
+    with pytest.raises(SystemExit, match="error: config key " + match):
+        run_main(ghpo.main, tmp_path, override)
+
+
+def test_good_templates_and_every_bundled_config_pass():
+    for template in ["{problem}", "{problem}\nPut your final answer within \\boxed{{}}.",
+                     "Problem: {problem}\n{{braces}} and {problem} again"]:
+        infra.check_template(template, "data.prompt_template")
+    for path, cls, check in [("config.yaml", ampo.Config, ampo.check_config),
+                             ("config.yaml", ghpo.Config, ghpo.check_config),
+                             ("configs/ampo_qwen2.5-1.5b-instruct_1gpu.yaml", ampo.Config,
+                              ampo.check_config),
+                             ("configs/ampo_qwen2.5-7b-instruct_4gpu.yaml", ampo.Config,
+                              ampo.check_config),
+                             ("configs/ghpo_qwen2.5-math-7b.yaml", ghpo.Config, ghpo.check_config)]:
+        foreign = ("ghpo",) if cls is ampo.Config else ("ampo",)
+        # (the AMPO recipes evaluate every 10 steps on a file the user names)
+        check(infra.load_config(path, ["--eval.files=[data/test.jsonl]"], cls, foreign))
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files: errors naming the file (and line), not yaml tracebacks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, match", [
+    (b"train: 5\n", r"config section train in .*c\.yaml: expected its keys, got 5"),
+    (b"ampo:\n  - trigger\n", r"config section ampo in .*c\.yaml: expected its keys"),
+    (b"train:\n  seed: [1, 2\n  max_steps: 3\n",
+     r"config file .*c\.yaml line 3: not valid YAML \(expected ',' or '\]', but got ':'; "
+     r"while parsing a flow sequence from line 2\)"),
+    (b"train:\n\tseed: 1\n", r"config file .*c\.yaml line 2: not valid YAML"),
+    (b"train:\n  seed: 1  # caf\xe9\n", r"config file .*c\.yaml line 2: not valid UTF-8"),
+    (b"- train\n", r"config file .*c\.yaml: expected a mapping of sections, got list"),
+])
+def test_config_file_errors_name_the_file(tmp_path, text, match):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text)
+    with pytest.raises(infra.InputError, match=match):
+        infra.load_config(str(path), [], ampo.Config, ("ghpo",))
+
+
+def test_missing_config_file_and_bad_override_value_are_one_line_errors(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(SystemExit, match=r"error: config file .*nope\.yaml: No such file"):
+        ampo.main(["--config", str(missing)])
+    with pytest.raises(SystemExit, match=r"error: override '--eval.pass_k=\[1, 2': not valid "
+                                         r"YAML \(expected ',' or '\]'"):
+        ampo.main(["--config", "config.yaml", "--eval.pass_k=[1, 2"])
+
+
+def test_an_empty_section_in_the_file_takes_overrides(tmp_path):
+    # `train:` with nothing under it is an empty section (YAML null), not a broken one
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\nampo:\n  trigger: never\n")
+    cfg = infra.load_config(str(path), ["--train.seed=3"], ampo.Config, ("ghpo",))
+    assert (cfg.train.seed, cfg.ampo.trigger) == (3, "never")
