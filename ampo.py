@@ -165,17 +165,36 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# The allowed values of every enum knob; check_config checks them all before anything loads.
+# The allowed values of every enum knob and the range of every numeric one (a rule of
+# infra.RULES: the keys it holds for); check_config checks them all before anything loads.
 LOSS_TYPES = ("dr_grpo", "dapo", "grpo", "group_mean")
 TRIGGERS = ("adaptive", "hybrid", "always", "never")
 SELECTIONS = ("comprehension", "random", "dataset")
 COMPREHENSION_SCORES = ("arith", "geo")
 COMPREHENSION_INPUTS = ("span", "official")
+RANGES = {
+    "at least 1": "train.max_steps train.prompts_per_step train.max_completion_length "
+                  "train.num_minibatches train.micro_batch_size train.max_skipped_steps "
+                  "ampo.comprehension_batch_size "
+                  "data.max_prompt_length eval.num_samples eval.prompts_per_batch",
+    # A group of one is its own baseline: its advantage is always 0 (NaN with scale_rewards).
+    "at least 2": "train.num_generations",
+    "at least 0": "train.learning_rate train.weight_decay train.warmup_steps train.epsilon "
+                  "train.epsilon_high train.beta train.verifier_workers train.vllm_max_model_len "
+                  "ampo.num_off_policy_targets ampo.max_available_targets log.sample_every "
+                  "log.save_every log.keep_last eval.every eval.max_problems",
+    "above 0": "train.temperature train.max_grad_norm train.verifier_timeout ampo.shaping_gamma "
+               "eval.temperature",
+    "above 1": "train.clip_ratio_c",  # the dual clip must not cut the loss at ratio 1 (verl)
+    "in (0, 1]": "train.top_p eval.top_p train.vllm_gpu_memory_utilization",
+    "in [0, 1]": "train.format_weight ampo.hybrid_prob",
+    "in [0, 1)": "train.adam_beta1 train.adam_beta2",  # what torch.optim.AdamW accepts
+}
 
 
 def check_config(cfg: Config, world: int = 1):
-    """Every enum value and every constraint between keys, before any model or data is loaded:
-    a typo must not cost a whole rollout. `world` is the number of torchrun processes.
+    """Every enum value, numeric range and constraint between keys, before any model or data is
+    loaded: a typo must not cost a whole rollout. `world` is the number of torchrun processes.
 
     >>> check_config(Config(train=TrainConfig(loss_type="bnpo")))
     Traceback (most recent call last):
@@ -191,15 +210,8 @@ def check_config(cfg: Config, world: int = 1):
     infra.one_of(a.selection, SELECTIONS, "ampo.selection")
     infra.one_of(a.comprehension_score, COMPREHENSION_SCORES, "ampo.comprehension_score")
     infra.one_of(a.comprehension_input, COMPREHENSION_INPUTS, "ampo.comprehension_input")
-    for key in ("max_steps", "prompts_per_step", "num_generations", "max_completion_length",
-                "num_minibatches", "micro_batch_size"):
-        if getattr(t, key) < 1:
-            raise infra.InputError(f"config key train.{key}: at least 1, got {getattr(t, key)}")
-    if a.comprehension_batch_size < 1:
-        raise infra.InputError(f"config key ampo.comprehension_batch_size: at least 1, "
-                               f"got {a.comprehension_batch_size}")
-    if not 0 <= a.hybrid_prob <= 1:
-        raise infra.InputError(f"config key ampo.hybrid_prob: in [0, 1], got {a.hybrid_prob}")
+    infra.check_ranges(cfg, RANGES)
+    infra.check_template(cfg.data.prompt_template, "data.prompt_template")
     if t.prompts_per_step % world:
         raise infra.InputError(f"config key train.prompts_per_step: {t.prompts_per_step} prompts "
                                f"do not split evenly over {world} ranks")
@@ -208,8 +220,7 @@ def check_config(cfg: Config, world: int = 1):
         # must run the same forwards; HF generate stops at each rank's own longest answer.
         raise infra.InputError("config key train.use_vllm: FSDP on several ranks samples with "
                                "vLLM (HF generate is not in lockstep over ranks)")
-    if e.num_samples < 1 or not all(isinstance(k, int) and 0 < k <= e.num_samples
-                                    for k in e.pass_k):
+    if not all(isinstance(k, int) and 0 < k <= e.num_samples for k in e.pass_k):
         raise infra.InputError(f"config key eval.pass_k: every k in 1..eval.num_samples "
                                f"({e.num_samples}), got {e.pass_k}")
     if e.every and not e.files:
@@ -972,7 +983,7 @@ def evaluate(model, tokenizer, cfg: Config, path: str, rank: int = 0, world: int
     problem would otherwise ask for gigabytes of activations.
     """
     e, t = cfg.eval, cfg.train
-    rows, _ = infra.load_dataset(path, 0, t.verifier_workers)
+    rows, _ = infra.load_dataset(path, 0, t.verifier_workers, timeout=t.verifier_timeout)
     rows = rows[:e.max_problems or None]
     prompts = [infra.build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt)
                for r in rows]

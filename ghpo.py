@@ -85,11 +85,13 @@ def check_config(cfg: Config, world: int = 1):
     ampo.check_config(cfg, world)
     g = cfg.ghpo
     r = g.hint_ratios
-    if not all(isinstance(x, (int, float)) and 0 < x <= 1 for x in r) or sorted(r) != list(r):
+    if (not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1 for x in r)
+            or sorted(r) != list(r)):
         raise infra.InputError(f"config key ghpo.hint_ratios: increasing numbers in (0, 1], "
                                f"got {r!r}")
     infra.one_of(g.hint_unit, ("char", "token"), "ghpo.hint_unit")
     infra.one_of(g.loss_context, LOSS_CONTEXTS, "ghpo.loss_context")
+    infra.check_ranges(cfg, {"at least 0": "ghpo.start_hint_step"})
 
 
 # =============================================================================================

@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import string
 import sys
 from pathlib import Path
 
@@ -49,7 +50,16 @@ def coerce(value, default, key: str):
     """Convert a YAML or command-line value to the type of the field's default.
 
     YAML reads `1e-6` as a string and `--train.max_steps=3` arrives as text, so numbers are
-    converted here; anything that does not fit is an error that names the key.
+    converted here; anything that does not fit is an error that names the key. NaN and inf are
+    never meant (`--train.learning_rate=nan` would train NaN weights from the first step), and
+    a bool is no number (`--train.temperature=true` would quietly sample at 1.0).
+
+    >>> coerce("1e-6", 0.1, "train.learning_rate")
+    1e-06
+    >>> coerce("nan", 0.1, "train.learning_rate")  # what --train.learning_rate=nan gives
+    Traceback (most recent call last):
+    ...
+    infra.InputError: config key train.learning_rate: not a finite number, got nan
     """
     if isinstance(default, bool):  # bool before int: True is an int in Python
         if isinstance(value, bool):
@@ -59,16 +69,57 @@ def coerce(value, default, key: str):
             return value
     elif isinstance(default, float):
         try:
-            return float(value)
+            number = None if isinstance(value, bool) else float(value)
         except (TypeError, ValueError):
-            pass
+            number = None
+        if number is not None:
+            return finite(number, key)
     elif isinstance(default, list):
         if isinstance(value, list):
-            return value
+            return [finite(x, key) if isinstance(x, float) else x for x in value]
     elif default is None or isinstance(default, str):
         if value is None or isinstance(value, str):
             return value
     raise InputError(f"config key {key}: expected {type(default).__name__}, got {value!r}")
+
+
+def finite(number: float, key: str) -> float:
+    """The number, unless it is NaN or infinite: then an error naming the key."""
+    if not math.isfinite(number):
+        raise InputError(f"config key {key}: not a finite number, got {number}")
+    return number
+
+
+def read_yaml(path: str) -> dict:
+    """The sections of a YAML config file. A missing file, a non-UTF-8 byte or a YAML syntax
+    error is an error that names the file and the line, not a traceback."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InputError(f"config file {path}: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"config file {path} line {line}: not valid UTF-8") from None
+    except yaml.YAMLError as e:
+        raise yaml_error(f"config file {path}", e) from None
+    if raw is not None and not isinstance(raw, dict):
+        raise InputError(f"config file {path}: expected a mapping of sections, "
+                         f"got {type(raw).__name__}")
+    return raw or {}
+
+
+def yaml_error(where: str, e: Exception, lines: bool = True) -> InputError:
+    """The error for YAML that does not parse: where, the line yaml points at (counted from 1,
+    as an editor shows them; an override is one line) and what yaml says is wrong."""
+    mark, context = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if lines and context is not None and getattr(e, "context", None):
+        what += f"; {e.context} from line {context.line + 1}"
+    line = f" line {mark.line + 1}" if lines and mark is not None else ""
+    return InputError(f"{where}{line}: not valid YAML ({what})")
 
 
 def load_config(path: str | None, overrides: list[str], cls, foreign=()):
@@ -78,12 +129,8 @@ def load_config(path: str | None, overrides: list[str], cls, foreign=()):
     (ampo.py skips the `ghpo:` block of a shared config.yaml, and the reverse). Any other
     unknown section or key is an error that names it, so a typo never trains silently.
     """
-    raw = {}
-    if path:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-        if not isinstance(raw, dict):
-            raise InputError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = read_yaml(path) if path else {}
+    where = path or "overrides"
     for item in overrides:
         if not item.startswith("--") or "=" not in item or "." not in item.split("=")[0]:
             raise InputError(f"override {item!r}: expected --section.key=value")
@@ -91,20 +138,28 @@ def load_config(path: str | None, overrides: list[str], cls, foreign=()):
         section, key = dotted.split(".", 1)
         if section in foreign:
             raise InputError(f"override {item!r}: the {section}: block belongs to {section}.py")
-        raw.setdefault(section, {})
+        if raw.get(section) is None:  # absent, or `train:` with nothing under it in the file
+            raw[section] = {}
         if not isinstance(raw[section], dict):
             raise InputError(f"override {item!r}: section {section} is not a mapping")
-        raw[section][key] = yaml.safe_load(value)
+        try:
+            raw[section][key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise yaml_error(f"override {item!r}", e, lines=False) from None
     cfg = cls()
+    sections = [f.name for f in dataclasses.fields(cfg)]
     for section, values in raw.items():
         if section in foreign:
             continue
-        if not hasattr(cfg, section):
-            raise InputError(f"unknown config section {section!r} in {path or 'overrides'}")
+        if section not in sections:
+            raise InputError(f"unknown config section {section!r} in {where}")
+        if values is not None and not isinstance(values, dict):  # `train: 5`
+            raise InputError(f"config section {section} in {where}: expected its keys, "
+                             f"got {values!r}")
         block = getattr(cfg, section)
         for key, value in (values or {}).items():
             if not any(f.name == key for f in dataclasses.fields(block)):
-                raise InputError(f"unknown config key {section}.{key} in {path or 'overrides'}")
+                raise InputError(f"unknown config key {section}.{key} in {where}")
             setattr(block, key, coerce(value, getattr(block, key), f"{section}.{key}"))
     return cfg
 
@@ -120,6 +175,55 @@ def one_of(value, allowed, key: str):
     """
     if value not in allowed:
         raise InputError(f"config key {key}: one of {'|'.join(map(str, allowed))}, got {value!r}")
+
+
+# The ranges check_config holds numeric knobs to, in words. NaN fails every one of them.
+RULES = {"at least 0": lambda v: v >= 0, "at least 1": lambda v: v >= 1,
+         "at least 2": lambda v: v >= 2, "above 0": lambda v: v > 0, "above 1": lambda v: v > 1,
+         "in [0, 1]": lambda v: 0 <= v <= 1, "in (0, 1]": lambda v: 0 < v <= 1,
+         "in [0, 1)": lambda v: 0 <= v < 1}
+
+
+def check_ranges(cfg, ranges: dict):
+    """An error naming the first key whose value breaks its rule; `ranges` maps a rule of RULES
+    to the dotted keys it holds for, separated by spaces.
+
+    >>> from types import SimpleNamespace as S
+    >>> check_ranges(S(train=S(top_p=1.0, temperature=0.0)),
+    ...              {"in (0, 1]": "train.top_p", "above 0": "train.temperature"})
+    Traceback (most recent call last):
+    ...
+    infra.InputError: config key train.temperature: above 0, got 0.0
+    """
+    for rule, keys in ranges.items():
+        for key in keys.split():
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            if not RULES[rule](value):
+                raise InputError(f"config key {key}: {rule}, got {value}")
+
+
+def check_template(template: str, key: str):
+    """A prompt template holds {problem} and no other field. Without it every prompt would be
+    the template alone, the problem silently dropped; any other {field} (or a lone brace)
+    would make str.format fail at the first prompt. A literal brace is written {{ or }}.
+
+    >>> check_template("{problem}\\nAnswer within \\\\boxed{{}}.", "data.prompt_template")
+    >>> check_template("Solve: {question}", "data.prompt_template")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    infra.InputError: config key data.prompt_template: needs {problem} and no other {field} ...
+    """
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        if fields == {"problem"}:
+            template.format(problem="")  # a bad !conversion or :format after {problem}
+    except ValueError as e:
+        raise InputError(f"config key {key}: {e} (a literal brace is {{{{ or }}}}), "
+                         f"got {template!r}") from None
+    if fields != {"problem"}:
+        raise InputError(f"config key {key}: needs {{problem}} and no other {{field}} (a literal "
+                         f"brace is {{{{ or }}}}), got {template!r}")
 
 
 # =============================================================================================
@@ -139,8 +243,13 @@ def read_records(path: str) -> list[dict]:
 
         return pq.read_table(path).to_pylist()
     rows = []
-    with open(path) as f:
+    with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte names its line
         for n, line in enumerate(f, 1):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path} line {n}: not valid UTF-8 (byte {line[e.start]:#04x} "
+                                 f"at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -155,6 +264,9 @@ def read_records(path: str) -> list[dict]:
 def normalise_row(rec: dict, where: str) -> dict:
     """One row of any supported schema -> {problem, messages, answer, solution, teachers}.
 
+    Anything malformed is an error naming the row rather than a row quietly dropped or
+    changed: a wrong file usually has the same fault in every row, and should be fixed once.
+
     >>> r = normalise_row({"problem": "1+1?", "answer": 2,
     ...                    "teachers": [{"source": "a", "response": "\\\\boxed{2}"}]}, "x")
     >>> r["answer"], r["teachers"]
@@ -166,41 +278,80 @@ def normalise_row(rec: dict, where: str) -> dict:
             messages = messages.tolist()
         if not isinstance(messages, list) or not messages:
             raise InputError(f"{where}: 'prompt' must be a non-empty chat list")
-        gold = (rec.get("reward_model") or {}).get("ground_truth")
+        reward_model = rec.get("reward_model") or {}
+        if not isinstance(reward_model, dict):
+            raise InputError(f"{where}: 'reward_model' must be an object with 'ground_truth'")
+        gold = reward_model.get("ground_truth")
         problem = next((m["content"] for m in messages if m.get("role") == "user"), None)
         teachers = [(t.get("source") or f"teacher-{i}", t.get("content"))
-                    for i, t in enumerate(rec.get("target_lst") or [])]
+                    for i, t in enumerate(teacher_list(rec, "target_lst", where))]
         solution = None
-    else:  # simple schema, or the official GHPO one (solution = gold, solution_hint = worked)
+    else:
         messages, problem = None, rec.get("problem")
-        if "answer" in rec:
+        if "answer" in rec:  # simple schema
             gold, solution = rec["answer"], rec.get("solution")
-        else:
-            gold, solution = rec.get("solution"), rec.get("solution_hint")
+        elif "solution_hint" in rec:  # official GHPO: solution = gold, solution_hint = worked
+            gold, solution = rec.get("solution"), rec["solution_hint"]
+        else:  # a simple row without its answer: its worked solution must not become the gold
+            gold, solution = None, rec.get("solution")
         teachers = [(t.get("source") or f"teacher-{i}", t.get("response"))
-                    for i, t in enumerate(rec.get("teachers") or [])
-                    if isinstance(t, dict)]
+                    for i, t in enumerate(teacher_list(rec, "teachers", where))]
     if not isinstance(problem, str) or not problem.strip():
         raise InputError(f"{where}: missing 'problem' (or a user message in 'prompt')")
-    if gold is None or str(gold).strip() == "":
-        raise InputError(f"{where}: missing the gold answer ('answer' or "
-                         f"'reward_model.ground_truth')")
-    if verify.BOX.search(str(gold)):  # a MATH-style worked solution given as gold: its \boxed{}
-        gold = verify.extract_answer(str(gold)) or gold
+    gold = gold_text(gold, where)
+    if verify.BOX.search(gold):  # a MATH-style worked solution given as gold: its \boxed{}
+        gold = verify.extract_answer(gold) or gold
     for source, text in teachers:
         if not isinstance(text, str):
             raise InputError(f"{where}: teacher {source!r} has no response text")
-    return {"problem": problem, "messages": messages, "answer": str(gold),
+    return {"problem": problem, "messages": messages, "answer": gold,
             "solution": solution, "teachers": teachers}
 
 
+def teacher_list(rec: dict, key: str, where: str) -> list[dict]:
+    """rec[key] as a list of objects; absent or null is no teachers. Anything else is an error:
+    ignoring it would quietly train the row with no teacher at all (plain GRPO)."""
+    value = rec.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InputError(f"{where}: '{key}' must be a list of objects, got "
+                         f"{type(value).__name__}")
+    for i, t in enumerate(value):
+        if not isinstance(t, dict):
+            raise InputError(f"{where}: {key}[{i}] must be an object, got {type(t).__name__}")
+    return value
+
+
+def gold_text(gold, where: str) -> str:
+    """The gold answer as text: a string, or an int or finite float (a numeric column). A list,
+    a mapping, a bool or NaN would become Python's text of it ("['1', '2']", "True", "nan"),
+    which no answer ever matches: the row would train as unsolvable, with no error.
+
+    >>> gold_text(7, "x"), gold_text(0.5, "x")
+    ('7', '0.5')
+    >>> gold_text(float("nan"), "data.parquet row 3")
+    Traceback (most recent call last):
+    ...
+    infra.InputError: data.parquet row 3: the gold answer must be text or a number, got nan
+    """
+    if gold is None or (isinstance(gold, str) and not gold.strip()):
+        raise InputError(f"{where}: missing the gold answer ('answer'; GHPO's schema: "
+                         f"'solution' beside 'solution_hint'; AMPO's: 'reward_model.ground_truth')")
+    if (isinstance(gold, bool) or not isinstance(gold, (str, int, float))
+            or (isinstance(gold, float) and not math.isfinite(gold))):
+        raise InputError(f"{where}: the gold answer must be text or a number, got {gold!r}")
+    return str(gold)
+
+
 def load_dataset(path: str, max_teachers: int = 4, workers: int = 2,
-                 require_solution: bool = False) -> tuple[list[dict], dict]:
+                 require_solution: bool = False, timeout: float = 5.0) -> tuple[list[dict], dict]:
     """Read and check a data file. Teachers whose answer does not verify are dropped.
 
     Returns (rows, stats); stats counts rows and teachers kept and dropped, which the run
     prints, because a pool with silently wrong teachers would teach wrong answers.
     require_solution (GHPO's hints): every row needs a worked solution, checked before training.
+    workers and timeout are verify.verify_batch's (the run passes train.verifier_*).
     """
     if not os.path.exists(path):
         raise InputError(f"data file not found: {path}")
@@ -219,7 +370,7 @@ def load_dataset(path: str, max_teachers: int = 4, workers: int = 2,
         row["teachers"] = row["teachers"][:max_teachers]
     flat = [(i, t) for i, row in enumerate(rows) for t in row["teachers"]]
     ok = verify.verify_batch([t[1] for _, t in flat], [rows[i]["answer"] for i, _ in flat],
-                             workers=workers)
+                             workers=workers, timeout=timeout)
     keep = {}
     for (i, t), good in zip(flat, ok):
         if good:
@@ -766,7 +917,8 @@ def load_prompts(cfg, tokenizer, require_solution: bool, verbose: bool):
     """The training rows, their chat-formatted prompts, and the indices of the rows whose prompt
     fits data.max_prompt_length tokens (the others are dropped, and counted)."""
     rows, stats = load_dataset(cfg.data.train_file, cfg.ampo.max_available_targets,
-                               cfg.train.verifier_workers, require_solution)
+                               cfg.train.verifier_workers, require_solution,
+                               timeout=cfg.train.verifier_timeout)
     texts = [build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt)
              for r in rows]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
