@@ -801,18 +801,6 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str,
 # of one process on the same global batch.
 
 
-def make_optimizer(model, cfg: TrainConfig):
-    """AdamW and the official schedule: linear warm-up over warmup_steps steps, then constant.
-    The scheduler counts optimizer updates, num_minibatches of them per step."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
-    updates_per_warmup = max(cfg.warmup_steps * cfg.num_minibatches, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda u: min(1.0, (u + 1) / updates_per_warmup))
-    return optimizer, scheduler
-
-
 def no_reduce(values: list[float]) -> list[float]:
     """all_sum in one process: the numbers themselves."""
     return list(values)
@@ -1025,25 +1013,6 @@ def evaluate(model, tokenizer, cfg: Config, path: str, rank: int = 0, world: int
 # and in the merged metrics.
 
 
-def next_prompts(order: list[int], usable: list[int], n: int, rng: random.Random, rank: int = 0,
-                 world: int = 1) -> tuple[list[int], list[int]]:
-    """(this rank's rows of the step, the order still to come). Prompts are drawn without
-    replacement within an epoch and reshuffled at each epoch; every rank draws the same global
-    batch of n and keeps its own contiguous share, so each group lives on one rank.
-
-    >>> rng = random.Random(0)  # this epoch's shuffle is [3, 5, 0, 1, 2, 4]
-    >>> next_prompts([], [0, 1, 2, 3, 4, 5], 4, rng, rank=1, world=2)
-    ([0, 1], [2, 4])
-
-    Rank 0 draws the same four, [3, 5, 0, 1], and keeps [3, 5]. The next step takes [2, 4]
-    and the first two of a fresh shuffle.
-    """
-    while len(order) < n:
-        order = order + rng.sample(usable, len(usable))
-    share = n // world
-    return order[:n][rank * share:(rank + 1) * share], order[n:]
-
-
 def train(cfg: Config, rollout_fn=rollout_step, log_line=infra.format_metrics,
           require_solution: bool = False, resume: bool = False) -> dict:
     """The whole run. Returns the last step's metrics (global, the same on every rank).
@@ -1065,7 +1034,7 @@ def train(cfg: Config, rollout_fn=rollout_step, log_line=infra.format_metrics,
     rows, prompt_texts, usable = infra.load_prompts(cfg, tokenizer, require_solution, rank == 0)
     ref_model = infra.load_reference(cfg, policy, run["ckpt"]) if t.beta > 0 else None
     model = infra.wrap_model(policy.train(), t)
-    optimizer, scheduler = make_optimizer(model, t)
+    optimizer, scheduler = infra.make_optimizer(model, t)
     infra.attach_engine(policy, cfg, run["ckpt"] or infra.model_path(cfg.model.name_or_path))
     order, start = infra.resume_or_begin(run, policy, optimizer, scheduler, cfg, usable)
     lockstep, skipped = infra.lockstep_fn(policy), 0
@@ -1073,7 +1042,8 @@ def train(cfg: Config, rollout_fn=rollout_step, log_line=infra.format_metrics,
     for step in tqdm(range(start, t.max_steps + 1), desc=run["out_dir"].name, disable=rank > 0):
         tick = time.perf_counter()
         # 1. Prompts: this rank's share of the step's global batch.
-        idx, order = next_prompts(order, usable, t.prompts_per_step, rngs["data"], rank, world)
+        idx, order = infra.next_prompts(order, usable, t.prompts_per_step, rngs["data"], rank,
+                                        world)
         batch_rows = [rows[i] for i in idx]
         # 2. Rollout: G answers per prompt, scored; AMPO guides the groups that all failed.
         rollout, m = rollout_fn(policy, tokenizer, batch_rows, [prompt_texts[i] for i in idx],

@@ -905,6 +905,37 @@ def resume_or_begin(run: dict, policy, optimizer, scheduler, cfg,
     return [i for i in state["order"] if i in fits], state["step"] + 1
 
 
+def make_optimizer(model, cfg):
+    """AdamW and the official schedule: linear warm-up over warmup_steps steps, then constant.
+    The scheduler counts optimizer updates, num_minibatches of them per step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    updates_per_warmup = max(cfg.warmup_steps * cfg.num_minibatches, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda u: min(1.0, (u + 1) / updates_per_warmup))
+    return optimizer, scheduler
+
+
+def next_prompts(order: list[int], usable: list[int], n: int, rng: random.Random,
+                 rank: int = 0, world: int = 1) -> tuple[list[int], list[int]]:
+    """(this rank's rows of the step, the order still to come). Prompts are drawn without
+    replacement within an epoch and reshuffled at each epoch; every rank draws the same global
+    batch of n and keeps its own contiguous share, so each group lives on one rank.
+
+    >>> rng = random.Random(0)  # this epoch's shuffle is [3, 5, 0, 1, 2, 4]
+    >>> next_prompts([], [0, 1, 2, 3, 4, 5], 4, rng, rank=1, world=2)
+    ([0, 1], [2, 4])
+
+    Rank 0 draws the same four, [3, 5, 0, 1], and keeps [3, 5]. The next step takes [2, 4]
+    and the first two of a fresh shuffle.
+    """
+    while len(order) < n:
+        order = order + rng.sample(usable, len(usable))
+    share = n // world
+    return order[:n][rank * share:(rank + 1) * share], order[n:]
+
+
 def load_reference(cfg, policy, ckpt: str | None):
     """The KL reference (train.beta > 0): a frozen copy of the STARTING policy, also when the
     run resumes from a checkpoint; sharded like the policy under FSDP2."""
