@@ -168,8 +168,17 @@ def normalise_row(rec: dict, where: str) -> dict:
             raise InputError(f"{where}: 'prompt' must be a non-empty chat list")
         gold = (rec.get("reward_model") or {}).get("ground_truth")
         problem = next((m["content"] for m in messages if m.get("role") == "user"), None)
+        targets = list(rec.get("target_lst") or [])
+        # Best quality first, as the official loader takes them (rl_dataset_with_target.py
+        # L194-L195, length_strategy 'short'): stable, so ties keep the file's order; the first
+        # max_available_targets of this order train. Targets without a score keep file order.
+        scored = [isinstance(t, dict) and t.get("quality_score") is not None for t in targets]
+        if any(scored) and not all(scored):
+            raise InputError(f"{where}: 'quality_score' on some entries of 'target_lst' only")
+        if scored and all(scored):
+            targets.sort(key=lambda t: t["quality_score"], reverse=True)
         teachers = [(t.get("source") or f"teacher-{i}", t.get("content"))
-                    for i, t in enumerate(rec.get("target_lst") or [])]
+                    for i, t in enumerate(targets)]
         solution = None
     else:  # simple schema, or the official GHPO one (solution = gold, solution_hint = worked)
         messages, problem = None, rec.get("problem")

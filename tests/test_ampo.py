@@ -298,6 +298,40 @@ def test_load_official_ampo_parquet(tmp_path):
     assert [s for s, _ in r["teachers"]] == ["qwen3", "openr1"]
 
 
+def test_official_teachers_are_taken_best_quality_first(tmp_path):
+    # official: ampo/verl/verl/adaptive_mix_src/rl_dataset_with_target.py L194-L203 (with
+    # length_strategy 'short', the default at L97 and in exp_scripts/train_ampo.sh L27):
+    # sorted(target_lst, key=quality_score, reverse=True), then the first max_available_targets.
+    # Python's sort is stable, so the two 0.9s keep their file order (t1 before t3).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def row(scores):
+        targets = [{"content": f"attempt {i}: 6 * 7 = \\boxed{{42}}", "source": f"t{i}"}
+                   for i in range(len(scores))]
+        for t, s in zip(targets, scores):
+            if s is not None:
+                t["quality_score"] = s
+        return {"prompt": [{"role": "user", "content": "Compute 6 * 7."}],
+                "reward_model": {"ground_truth": "42", "style": "rule"}, "target_lst": targets}
+
+    path = tmp_path / "ampo.parquet"
+    pq.write_table(pa.Table.from_pylist([row([0.2, 0.9, 0.5, 0.9, 0.1])]), path)
+    rows, stats = infra.load_dataset(str(path), max_teachers=4, workers=0)
+    assert [s for s, _ in rows[0]["teachers"]] == ["t1", "t3", "t2", "t0"]
+    assert rows[0]["teachers"][0][1].startswith("attempt 1:") and stats["teachers_kept"] == 4
+    # A file whose targets carry no quality_score keeps its own order.
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.Table.from_pylist([row([None] * 5)]), plain)
+    rows, _ = infra.load_dataset(str(plain), max_teachers=4, workers=0)
+    assert [s for s, _ in rows[0]["teachers"]] == ["t0", "t1", "t2", "t3"]
+    # Some scored and some not: the official loader fails on it (KeyError); here, an error.
+    mixed = tmp_path / "mixed.parquet"
+    pq.write_table(pa.Table.from_pylist([row([0.5, None, 0.7])]), mixed)
+    with pytest.raises(infra.InputError, match=r"mixed\.parquet row 0: .*quality_score"):
+        infra.load_dataset(str(mixed), workers=0)
+
+
 def test_load_official_ghpo_schema(tmp_path):
     row = {"problem": "What is 10 - 4?", "solution": "6", "solution_hint": "10 - 4 = 6. \\boxed{6}"}
     rows, _ = infra.load_dataset(write_jsonl(tmp_path / "g.jsonl", [row]), workers=0)
