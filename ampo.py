@@ -1004,12 +1004,12 @@ def next_prompts(order: list[int], usable: list[int], n: int, rng: random.Random
 
 
 def train(cfg: Config, rollout_fn=rollout_step, log_line=infra.format_metrics,
-          require_solution: bool = False, resume: bool = False) -> dict:
+          require_solution: bool = False, resume: bool = False, keep_row=None) -> dict:
     """The whole run. Returns the last step's metrics (global, the same on every rank).
 
     ghpo.py runs this same loop with its own rollout function (hint stages instead of teachers)
-    and its own log line; require_solution asks the data loader for worked solutions. With
-    resume, the run continues from the newest checkpoint in log.output_dir.
+    and its own log line; require_solution asks the data loader for worked solutions, keep_row
+    (row -> bool) skips rows. With resume, the run continues from the newest checkpoint.
     """
     from tqdm import tqdm
 
@@ -1021,7 +1021,8 @@ def train(cfg: Config, rollout_fn=rollout_step, log_line=infra.format_metrics,
     run = infra.start_run(cfg, resume)
     rank, world, rngs = run["rank"], run["world"], run["rngs"]
     policy, tokenizer = infra.load_model(cfg.model, run["ckpt"])
-    rows, prompt_texts, usable = infra.load_prompts(cfg, tokenizer, require_solution, rank == 0)
+    rows, prompt_texts, usable = infra.load_prompts(cfg, tokenizer, require_solution, rank == 0,
+                                                    keep_row)
     ref_model = infra.load_reference(cfg, policy, run["ckpt"]) if t.beta > 0 else None
     model = infra.wrap_model(policy.train(), t)
     optimizer, scheduler = make_optimizer(model, t)

@@ -194,13 +194,14 @@ def normalise_row(rec: dict, where: str) -> dict:
     if gold is None or str(gold).strip() == "":
         raise InputError(f"{where}: missing the gold answer ('answer' or "
                          f"'reward_model.ground_truth')")
+    gold_text = str(gold)  # as the file gives it: the official GHPO reward parses this text
     if verify.BOX.search(str(gold)):  # a MATH-style worked solution given as gold: its \boxed{}
         gold = verify.extract_answer(str(gold)) or gold
     for source, text in teachers:
         if not isinstance(text, str):
             raise InputError(f"{where}: teacher {source!r} has no response text")
-    return {"problem": problem, "messages": messages, "answer": str(gold),
-            "solution": solution, "teachers": teachers}
+    return {"problem": problem, "messages": messages, "answer": str(gold), "gold_text": gold_text,
+            "solution": solution, "teachers": teachers, "data_source": rec.get("data_source")}
 
 
 def load_dataset(path: str, max_teachers: int = 4, workers: int = 2,
@@ -771,18 +772,23 @@ def load_reference(cfg, policy, ckpt: str | None):
     return wrap_model(ref_model, cfg.train) if cfg.train.parallelism == "fsdp" else ref_model
 
 
-def load_prompts(cfg, tokenizer, require_solution: bool, verbose: bool):
+def load_prompts(cfg, tokenizer, require_solution: bool, verbose: bool, keep_row=None):
     """The training rows, their chat-formatted prompts, and the indices of the rows whose prompt
-    fits data.max_prompt_length tokens (the others are dropped, and counted)."""
+    fits data.max_prompt_length tokens and that keep_row (row -> bool, if given) keeps: the
+    others are dropped, and counted (ghpo.py skips the rows whose gold answer does not parse)."""
     rows, stats = load_dataset(cfg.data.train_file, cfg.ampo.max_available_targets,
                                cfg.train.verifier_workers, require_solution)
     texts = [build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt)
              for r in rows]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     fits = [i for i, p in enumerate(ids) if len(p) <= cfg.data.max_prompt_length]
+    long = stats["rows"] - len(fits)
+    skipped = {i for i in fits if keep_row is not None and not keep_row(rows[i])}
+    fits = [i for i in fits if i not in skipped]
     if verbose:
-        print(f"data: {stats['rows']} rows from {cfg.data.train_file}, "
-              f"{stats['rows'] - len(fits)} dropped as longer than max_prompt_length; teachers: "
+        print(f"data: {stats['rows']} rows from {cfg.data.train_file}, {long} dropped as longer "
+              f"than max_prompt_length" + (f", {len(skipped)} skipped by {keep_row.__name__}"
+                                           if keep_row else "") + "; teachers: "
               f"{stats['teachers_kept']} kept, {stats['teachers_dropped']} dropped as unverified")
     if len(fits) < cfg.train.prompts_per_step:
         raise InputError(f"{cfg.data.train_file}: {len(fits)} usable rows, fewer than "
