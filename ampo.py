@@ -208,7 +208,8 @@ def check_config(cfg: Config, world: int = 1):
                                     for k in e.pass_k):
         raise infra.InputError(f"config key eval.pass_k: every k in 1..eval.num_samples "
                                f"({e.num_samples}), got {e.pass_k}")
-    infra.one_of(e.best_metric, ["avg", "none"] + [f"pass@{k}" for k in e.pass_k], "eval.best_metric")
+    infra.one_of(e.best_metric, ["avg", "none"] + [f"pass@{k}" for k in e.pass_k],
+                 "eval.best_metric")
     if e.every and not e.files:
         raise infra.InputError("config key eval.every: set, but eval.files names no test file")
 

@@ -908,8 +908,9 @@ def log_step(run: dict, cfg, step: int, m: dict, line: str, rollout: dict, rows:
 
 # Evaluation results per data source. The official validation file (AMPO's data/valid.parquet)
 # mixes five benchmarks, named in its data_source column; the official trainer reports each
-# source's mean score and their plain mean, avg_score, which ranks checkpoints (mix_dapo_trainer.py
-# L635-L647, L1201-L1202, L1249-L1270): a benchmark of 40 problems weighs as much as one of 675.
+# source's mean score and their plain mean, avg_score, which ranks checkpoints
+# (mix_dapo_trainer.py L635-L647, L1201-L1202, L1249-L1270): AIME's 240 problems weigh as much
+# as OlympiadBench's 675.
 
 
 def source_scores(path: str, sources: list, mine: list, names: list[str], scores: list, all_sum):

@@ -723,7 +723,8 @@ def test_evaluate_scores_each_data_source_of_an_official_file(tiny_model_dir, tm
     # Two ranks (contiguous shares: problems 0-2 and 3-4), their sums added: the same result.
     theirs = []
     ampo.evaluate(model, tok, cfg, path, 1, 2, lambda v: theirs.append(v) or v)
-    two = ampo.evaluate(model, tok, cfg, path, 0, 2, lambda v: [a + b for a, b in zip(v, theirs[0])])
+    two = ampo.evaluate(model, tok, cfg, path, 0, 2,
+                        lambda v: [a + b for a, b in zip(v, theirs[0])])
     assert two["by_source"].keys() == got["by_source"].keys() and two["problems"] == 5
     for source, scores in got["by_source"].items():
         assert two["by_source"][source] == pytest.approx(scores)
