@@ -146,13 +146,14 @@ class EvalConfig:
     # Test files (any supported schema), scored with the training verifier, never with hints
     # or teachers: by `--eval`, and every `every` training steps.
     files: list = field(default_factory=list)
-    every: int = 0  # evaluate during training every N steps (0: never)
+    every: int = 0  # evaluate during training every N steps and after the last (0: never)
     num_samples: int = 4  # n answers per problem; avg@n is their mean accuracy
     pass_k: list = field(default_factory=lambda: [1, 4])  # report pass@k for these k <= n
     temperature: float = 0.6  # the official AMPO evaluation: T 0.6, top_p 1.0
     top_p: float = 1.0
     max_problems: int = 0  # the first N problems of each file (0: all)
     prompts_per_batch: int = 16  # problems per generate call (x num_samples sequences)
+    best_metric: str = "avg"  # keep the checkpoint best by: avg (avg@n) | pass@K | none
 
 
 @dataclass
@@ -223,6 +224,8 @@ def check_config(cfg: Config, world: int = 1):
     if not all(isinstance(k, int) and 0 < k <= e.num_samples for k in e.pass_k):
         raise infra.InputError(f"config key eval.pass_k: every k in 1..eval.num_samples "
                                f"({e.num_samples}), got {e.pass_k}")
+    infra.one_of(e.best_metric, ["avg", "none"] + [f"pass@{k}" for k in e.pass_k],
+                 "eval.best_metric")
     if e.every and not e.files:
         raise infra.InputError("config key eval.every: set, but eval.files names no test file")
 
@@ -963,10 +966,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def evaluate(model, tokenizer, cfg: Config, path: str, rank: int = 0, world: int = 1,
              all_sum=no_reduce) -> dict:
-    """avg@n and pass@k of the policy on one test file, with the training verifier.
+    """avg@n and pass@k of the policy on one test file, with the training verifier: over all
+    problems, per data source (a column of the official files) and averaged over sources.
 
     Under torchrun each rank answers a contiguous share of the problems (rank, world) and the
-    counts are summed over ranks with all_sum (infra.all_sum). Prompts longer than
+    sums per source are added over ranks with all_sum (infra.all_sum). Prompts longer than
     data.max_prompt_length tokens are dropped and counted, as in training: one 100k-character
     problem would otherwise ask for gigabytes of activations.
     """
@@ -979,8 +983,8 @@ def evaluate(model, tokenizer, cfg: Config, path: str, rank: int = 0, world: int
             if len(ids) <= cfg.data.max_prompt_length]
     if not fits:
         raise infra.InputError(f"{path}: no problem fits data.max_prompt_length")
-    total, dropped = len(fits), len(rows) - len(fits)
-    share = math.ceil(total / world)
+    sources, dropped = [rows[i]["data_source"] for i in fits], len(rows) - len(fits)
+    share = math.ceil(len(fits) / world)
     mine = fits[rank * share:(rank + 1) * share]
     rows, prompts = [rows[i] for i in mine], [prompts[i] for i in mine]
     n = e.num_samples
@@ -994,13 +998,12 @@ def evaluate(model, tokenizer, cfg: Config, path: str, rank: int = 0, world: int
         correct += verify.verify_batch(texts, golds, workers=t.verifier_workers,
                                        timeout=t.verifier_timeout, rule=t.answer_rule)
     per_problem = [sum(correct[i * n:(i + 1) * n]) for i in range(len(rows))]  # c per problem
-    # Sums over this rank's problems, then over ranks; then the means over all problems.
-    sums = all_sum([sum(correct)] + [sum(pass_at_k(n, c, k) for c in per_problem)
-                                     for k in e.pass_k])
-    out = {"file": path, "problems": total, "dropped": dropped, f"avg@{n}": sums[0] / (total * n)}
-    for k, s in zip(e.pass_k, sums[1:]):
-        out[f"pass@{k}"] = s / total
-    return out
+    # Each problem's scores, avg@n = c / n and pass@k; summed per source over this rank's
+    # problems, then over ranks, then averaged (every rank holds the whole list of sources).
+    names = [f"avg@{n}"] + [f"pass@{k}" for k in e.pass_k]
+    scores = [[c / n] + [pass_at_k(n, c, k) for k in e.pass_k] for c in per_problem]
+    return {**infra.source_scores(path, sources, sources[rank * share:(rank + 1) * share], names,
+                                  scores, all_sum), "dropped": dropped}
 
 
 # =============================================================================================
@@ -1014,12 +1017,12 @@ def evaluate(model, tokenizer, cfg: Config, path: str, rank: int = 0, world: int
 
 
 def train(cfg: Config, rollout_fn=rollout_step, log_line=infra.format_metrics,
-          require_solution: bool = False, resume: bool = False) -> dict:
+          require_solution: bool = False, resume: bool = False, keep_row=None) -> dict:
     """The whole run. Returns the last step's metrics (global, the same on every rank).
 
     ghpo.py runs this same loop with its own rollout function (hint stages instead of teachers)
-    and its own log line; require_solution asks the data loader for worked solutions. With
-    resume, the run continues from the newest checkpoint in log.output_dir.
+    and its own log line; require_solution asks the data loader for worked solutions, keep_row
+    (row -> bool) skips rows. With resume, the run continues from the newest checkpoint.
     """
     from tqdm import tqdm
 
@@ -1031,7 +1034,8 @@ def train(cfg: Config, rollout_fn=rollout_step, log_line=infra.format_metrics,
     run = infra.start_run(cfg, resume)
     rank, world, rngs = run["rank"], run["world"], run["rngs"]
     policy, tokenizer = infra.load_model(cfg.model, run["ckpt"])
-    rows, prompt_texts, usable = infra.load_prompts(cfg, tokenizer, require_solution, rank == 0)
+    rows, prompt_texts, usable = infra.load_prompts(cfg, tokenizer, require_solution, rank == 0,
+                                                    keep_row)
     ref_model = infra.load_reference(cfg, policy, run["ckpt"]) if t.beta > 0 else None
     model = infra.wrap_model(policy.train(), t)
     optimizer, scheduler = infra.make_optimizer(model, t)
@@ -1063,13 +1067,15 @@ def train(cfg: Config, rollout_fn=rollout_step, log_line=infra.format_metrics,
                                   t.num_generations, time.perf_counter() - tick)
         m = infra.gather_metrics(m)
         m.update(update, step=step, tokens_per_s=m["completion_tokens"] / m["time"]["step"])
-        if cfg.eval.every and step % cfg.eval.every == 0:
+        if cfg.eval.every and (step % cfg.eval.every == 0 or step == t.max_steps):
             m["eval"] = [evaluate(policy, tokenizer, cfg, path, rank, world, infra.all_sum)
                          for path in cfg.eval.files]
+            m["eval_mean"] = infra.source_means(m["eval"])  # per score: the official avg_score
         infra.log_step(run, cfg, step, m, log_line(step, m), rollout, batch_rows)
-        if step == t.max_steps or (cfg.log.save_every and step % cfg.log.save_every == 0):
+        best = infra.new_best(run, cfg.eval.best_metric, m)  # its checkpoint outlives keep_last
+        if best or step == t.max_steps or (cfg.log.save_every and step % cfg.log.save_every == 0):
             infra.save_checkpoint(run["out_dir"], step, policy, tokenizer, optimizer, scheduler,
-                                  cfg, {"order": order}, rngs, cfg.log.keep_last)
+                                  cfg, {"order": order}, rngs, cfg.log.keep_last, best)
     if rank == 0:
         print(f"done: metrics in {run['metrics']}, checkpoints in {run['out_dir']}")
     return m

@@ -56,6 +56,7 @@ class GHPOConfig:
     hint_includes_answer: bool = False  # official: true (the hint may reach \boxed{answer})
     start_hint_step: int = 0  # steps of plain GRPO before hints start (paper: 20)
     loss_context: str = "sampled_prompt"  # sampled_prompt | original_prompt | code_quirk
+    skip_unparsed_gold: bool = True  # official: a gold math-verify cannot parse is never trained
 
 
 @dataclass
@@ -368,12 +369,29 @@ def format_metrics(step: int, m: dict) -> str:
             f"hints {t['hints']:.1f}s train {t['train']:.1f}s {m['tokens_per_s']:.0f} tok/s")
 
 
+# Rows whose gold answer math-verify cannot parse. The official accuracy reward is None for
+# them (src/open_r1/rewards.py L78-L81), a NaN in the trainer (ghpo_trainer.py L979): a NaN is
+# not <= 0, so the group is never "all wrong" and never hinted (L997-L1001), and the reward sum
+# skips it (nansum, L1189): only the format term is left (0 here, train.format_weight). Kept
+# and scored by verify.py, a gold it cannot read either makes every answer wrong and the group
+# hinted at every stage, forever; one it can read (bare LaTeX such as \sqrt{51}, wrapped in
+# $...$ by is_correct) trains where the official code does not. ghpo.skip_unparsed_gold (on,
+# as the official code) skips every row the official check rejects, at load time, counted.
+
+
+def gold_answer_parses(row: dict) -> bool:
+    """keep_row for ampo.train: math-verify finds an answer in the row's gold, as the official
+    reward parses it (verify.gold_parses on the text the file gives)."""
+    return verify.gold_parses(row["gold_text"])
+
+
 def train(cfg: Config, resume: bool = False) -> dict:
     """ampo.py's training loop with GHPO's rollout. Returns the last step's metrics."""
     check_config(cfg, infra.world_size())
     hints_on = bool(cfg.ghpo.hint_ratios) and cfg.ghpo.start_hint_step < cfg.train.max_steps
     return ampo.train(cfg, rollout_fn=rollout_step, log_line=format_metrics,
-                      require_solution=hints_on, resume=resume)
+                      require_solution=hints_on, resume=resume,
+                      keep_row=gold_answer_parses if cfg.ghpo.skip_unparsed_gold else None)
 
 
 def main(argv=None):

@@ -283,8 +283,17 @@ def normalise_row(rec: dict, where: str) -> dict:
             raise InputError(f"{where}: 'reward_model' must be an object with 'ground_truth'")
         gold = reward_model.get("ground_truth")
         problem = next((m["content"] for m in messages if m.get("role") == "user"), None)
+        targets = teacher_list(rec, "target_lst", where)
+        # Best quality first, as the official loader takes them (rl_dataset_with_target.py
+        # L194-L195, length_strategy 'short'): stable, so ties keep the file's order; the first
+        # max_available_targets of this order train. Targets without a score keep file order.
+        scored = [t.get("quality_score") is not None for t in targets]
+        if any(scored) and not all(scored):
+            raise InputError(f"{where}: 'quality_score' on some entries of 'target_lst' only")
+        if scored and all(scored):
+            targets.sort(key=lambda t: t["quality_score"], reverse=True)
         teachers = [(t.get("source") or f"teacher-{i}", t.get("content"))
-                    for i, t in enumerate(teacher_list(rec, "target_lst", where))]
+                    for i, t in enumerate(targets)]
         solution = None
     else:
         messages, problem = None, rec.get("problem")
@@ -299,13 +308,14 @@ def normalise_row(rec: dict, where: str) -> dict:
     if not isinstance(problem, str) or not problem.strip():
         raise InputError(f"{where}: missing 'problem' (or a user message in 'prompt')")
     gold = gold_text(gold, where)
+    raw = gold  # as the file gives it: the official GHPO reward parses this text
     if verify.BOX.search(gold):  # a MATH-style worked solution given as gold: its \boxed{}
         gold = verify.extract_answer(gold) or gold
     for source, text in teachers:
         if not isinstance(text, str):
             raise InputError(f"{where}: teacher {source!r} has no response text")
-    return {"problem": problem, "messages": messages, "answer": gold,
-            "solution": solution, "teachers": teachers}
+    return {"problem": problem, "messages": messages, "answer": gold, "gold_text": raw,
+            "solution": solution, "teachers": teachers, "data_source": rec.get("data_source")}
 
 
 def teacher_list(rec: dict, key: str, where: str) -> list[dict]:
@@ -666,9 +676,34 @@ def fsync_tree(folder: Path, files: bool = True):
         os.close(fd)
 
 
+# The best checkpoint. With eval.every and eval.best_metric, a step whose evaluation beats every
+# earlier one saves its checkpoint (as any other, atomically) and, once it is on disk, is
+# recorded in best.json: {"step", "metric", "score"}, itself written to a temporary file,
+# flushed and renamed. keep_last never deletes the checkpoint that best.json names, so the best
+# is always checkpoint-<best step>, complete, and as resumable as the others.
+BEST = "best.json"
+
+
+def read_best(out_dir) -> dict | None:
+    """The best evaluation recorded in out_dir, or None."""
+    path = Path(out_dir) / BEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_json_atomically(path: Path, record: dict):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_tree(path.parent, files=False)
+
+
 def save_checkpoint(out_dir, step: int, policy, tokenizer, optimizer, scheduler, cfg,
-                    state: dict, rngs: dict, keep_last: int = 0) -> Path:
-    """Write out_dir/checkpoint-<step> atomically, then delete all but the newest keep_last.
+                    state: dict, rngs: dict, keep_last: int = 0, best: dict | None = None) -> Path:
+    """Write out_dir/checkpoint-<step> atomically, then delete all but the newest keep_last and
+    the best. `best` (this step's evaluation beat every earlier one) goes to best.json.
 
     Every rank calls it (gathering FSDP2 shards is a collective); rank 0 writes the weights,
     optimizer and state, every rank its own random generators. Everything goes to a temporary
@@ -707,8 +742,12 @@ def save_checkpoint(out_dir, step: int, policy, tokenizer, optimizer, scheduler,
             shutil.rmtree(path)
         os.replace(tmp, path)
         fsync_tree(path.parent, files=False)  # the rename itself on disk
+        if best is not None:  # recorded only once its checkpoint is whole on disk
+            write_json_atomically(Path(out_dir) / BEST, best)
+        kept = (read_best(out_dir) or {}).get("step")
         for old in checkpoint_dirs(out_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old)
+            if int(old.name.split("-")[1]) != kept:
+                shutil.rmtree(old)
     barrier()
     return path
 
@@ -880,7 +919,7 @@ def start_run(cfg, resume: bool) -> dict:
         print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     return {"rank": rank, "world": world, "main": rank == 0, "rngs": rngs, "ckpt": ckpt,
             "out_dir": out_dir, "metrics": out_dir / "metrics.jsonl",
-            "samples": out_dir / "samples.jsonl"}
+            "samples": out_dir / "samples.jsonl", "best": read_best(out_dir) if resume else None}
 
 
 def resume_or_begin(run: dict, policy, optimizer, scheduler, cfg,
@@ -894,6 +933,7 @@ def resume_or_begin(run: dict, policy, optimizer, scheduler, cfg,
         if run["main"]:
             run["metrics"].write_text("")
             run["samples"].write_text("")
+            (run["out_dir"] / BEST).unlink(missing_ok=True)  # no checkpoint of its own left
         return [], 1
     state = load_checkpoint(run["ckpt"], policy, optimizer, scheduler, run["rngs"])
     apply_optimizer_settings(optimizer, scheduler, cfg.train)
@@ -944,9 +984,10 @@ def load_reference(cfg, policy, ckpt: str | None):
     return wrap_model(ref_model, cfg.train) if cfg.train.parallelism == "fsdp" else ref_model
 
 
-def load_prompts(cfg, tokenizer, require_solution: bool, verbose: bool):
+def load_prompts(cfg, tokenizer, require_solution: bool, verbose: bool, keep_row=None):
     """The training rows, their chat-formatted prompts, and the indices of the rows whose prompt
-    fits data.max_prompt_length tokens (the others are dropped, and counted)."""
+    fits data.max_prompt_length tokens and that keep_row (row -> bool, if given) keeps: the
+    others are dropped, and counted (ghpo.py skips the rows whose gold answer does not parse)."""
     rows, stats = load_dataset(cfg.data.train_file, cfg.ampo.max_available_targets,
                                cfg.train.verifier_workers, require_solution,
                                timeout=cfg.train.verifier_timeout)
@@ -954,9 +995,13 @@ def load_prompts(cfg, tokenizer, require_solution: bool, verbose: bool):
              for r in rows]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     fits = [i for i, p in enumerate(ids) if len(p) <= cfg.data.max_prompt_length]
+    long = stats["rows"] - len(fits)
+    skipped = {i for i in fits if keep_row is not None and not keep_row(rows[i])}
+    fits = [i for i in fits if i not in skipped]
     if verbose:
-        print(f"data: {stats['rows']} rows from {cfg.data.train_file}, "
-              f"{stats['rows'] - len(fits)} dropped as longer than max_prompt_length; teachers: "
+        print(f"data: {stats['rows']} rows from {cfg.data.train_file}, {long} dropped as longer "
+              f"than max_prompt_length" + (f", {len(skipped)} skipped by {keep_row.__name__}"
+                                           if keep_row else "") + "; teachers: "
               f"{stats['teachers_kept']} kept, {stats['teachers_dropped']} dropped as unverified")
     if len(fits) < cfg.train.prompts_per_step:
         raise InputError(f"{cfg.data.train_file}: {len(fits)} usable rows, fewer than "
@@ -1055,7 +1100,7 @@ def log_step(run: dict, cfg, step: int, m: dict, line: str, rollout: dict, rows:
     with open(run["metrics"], "a") as f:
         f.write(json.dumps(m) + "\n")
     if "eval" in m:
-        tqdm.write(f"  eval: {m['eval']}")
+        tqdm.write(eval_report(m["eval"]))
     tqdm.write(line)
     if cfg.log.sample_every and step % cfg.log.sample_every == 0:
         samples = group_samples(rollout, rows, cfg.train.num_generations)
@@ -1063,6 +1108,97 @@ def log_step(run: dict, cfg, step: int, m: dict, line: str, rollout: dict, rows:
             f.writelines(json.dumps({"step": step, **s}) + "\n" for s in samples)
         tqdm.write(f"  sample: {samples[0]['completion'][:200]!r} -> reward "
                    f"{samples[0]['reward']}")
+
+
+# Evaluation results per data source. The official validation file (AMPO's data/valid.parquet)
+# mixes five benchmarks, named in its data_source column; the official trainer reports each
+# source's mean score and their plain mean, avg_score, which ranks checkpoints
+# (mix_dapo_trainer.py L635-L647, L1201-L1202, L1249-L1270): AIME's 240 problems weigh as much
+# as OlympiadBench's 675.
+
+
+def source_scores(path: str, sources: list, mine: list, names: list[str], scores: list, all_sum):
+    """One test file's scores: over all its problems, per data source, and over sources.
+
+    sources: every problem's data source (None: the file's name), the same list on every rank;
+    mine: the sources of this rank's problems, scores their scores (a list in the order of
+    names each). Sums per source on this rank, all_sum over ranks, then means: the result does
+    not depend on the number of ranks.
+
+    >>> r = source_scores("t.jsonl", ["a", "b", "a"], ["a", "b", "a"], ["x"],
+    ...                   [[1.0], [1.0], [0.0]], lambda v: v)
+    >>> r["by_source"]
+    {'a': {'problems': 2, 'x': 0.5}, 'b': {'problems': 1, 'x': 1.0}}
+    >>> r["x"], r["source_mean"]  # over problems: 2 / 3; over sources: (0.5 + 1.0) / 2
+    (0.6666666666666666, {'x': 0.75})
+    """
+    name = os.path.basename(path)
+    keys = sorted({s or name for s in sources})
+    at, w = {s: i for i, s in enumerate(keys)}, len(names)
+    sums = [0.0] * (len(keys) * w)  # [source][score], flat
+    for s, row in zip(mine, scores):
+        for j, v in enumerate(row):
+            sums[at[s or name] * w + j] += v
+    sums = all_sum(sums)
+    count = {s: sum((x or name) == s for x in sources) for s in keys}
+    by_source = {s: {"problems": count[s], **{n: sums[i * w + j] / count[s]
+                                               for j, n in enumerate(names)}}
+                 for i, s in enumerate(keys)}
+    out = {"file": path, "problems": len(sources)}
+    out.update({n: sum(sums[j::w]) / len(sources) for j, n in enumerate(names)})
+    out["by_source"] = by_source
+    out["source_mean"] = {n: sum(b[n] for b in by_source.values()) / len(keys) for n in names}
+    return out
+
+
+def source_means(results: list[dict]) -> dict:
+    """The mean over data sources of all test files at once, for each score: the official
+    avg_score. A source found in several files is one source, its problems pooled (the official
+    trainer reads its validation files as one dataset)."""
+    pooled: dict[str, dict] = {}
+    for r in results:
+        for s, b in r["by_source"].items():
+            p = pooled.setdefault(s, {k: 0.0 for k in b})
+            for k, v in b.items():
+                p[k] += v if k == "problems" else v * b["problems"]
+    names = list(results[0]["source_mean"])
+    return {n: sum(p[n] / p["problems"] for p in pooled.values()) / len(pooled) for n in names}
+
+
+def new_best(run: dict, metric: str, m: dict) -> dict | None:
+    """This step's record {step, metric, score} if its evaluation beat every earlier one of the
+    run by eval.best_metric (avg: avg@n; pass@k; none), else None. As the official trainer's
+    maybe_save_best_hf: the mean over sources (avg_score), strictly greater, the first
+    evaluation always wins. Global scores, so every rank decides alike."""
+    if metric == "none" or "eval_mean" not in m:
+        return None
+    key = next(k for k in m["eval_mean"] if k == metric or metric == "avg" and k[:4] == "avg@")
+    score, best = m["eval_mean"][key], run["best"]
+    if best is not None and best["metric"] == key and not score > best["score"]:
+        return None
+    run["best"] = {"step": m["step"], "metric": key, "score": score}
+    if run["main"]:
+        from tqdm import tqdm
+
+        tqdm.write(f"  best {key} over sources so far: {score:.4f}, checkpoint-{m['step']}")
+    return run["best"]
+
+
+def eval_report(results: list[dict]) -> str:
+    """A table per test file: each data source, all problems, and the mean over sources."""
+    lines = []
+    for r in results:
+        names = list(r["source_mean"])
+        lines.append(f"{r['file']}: {r['problems']} problems ({r['dropped']} dropped as too long)")
+        lines.append(f"  {'data source':<24}{'problems':>9}" + "".join(f"{n:>9}" for n in names))
+        rows = [(s, b) for s, b in r["by_source"].items()] + [("all problems", r)]
+        rows.append(("mean over sources", {"problems": len(r["by_source"]), **r["source_mean"]}))
+        lines += [f"  {s:<24}{b['problems']:>9}" + "".join(f"{b[n]:>9.4f}" for n in names)
+                  for s, b in rows]
+    if len(results) > 1:
+        lines.append("all files, mean over sources: " + "  ".join(
+            f"{n} {v:.4f}" for n, v in source_means(results).items()))
+    return "\n".join(lines)
 
 
 def cli(argv, doc: str, cls, foreign, train_fn, eval_fn):
@@ -1090,8 +1226,8 @@ def cli(argv, doc: str, cls, foreign, train_fn, eval_fn):
     if rank_and_world()[0] == 0:
         out = Path(cfg.log.output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        print(eval_report(results))
         with open(out / "eval.jsonl", "a") as f:
             for r in results:
-                print(json.dumps(r))
                 f.write(json.dumps({"model": cfg.model.name_or_path, **r}) + "\n")
     return results

@@ -252,6 +252,28 @@ def is_correct(response: str, gold: str, timeout: float = 5.0, rule: str = "ours
         return False
 
 
+def gold_parses(gold: str) -> bool:
+    """Does math-verify find an answer in a gold answer, as the data file gives it?
+
+    The official GHPO reward's check (hkgc-1/GHPO src/open_r1/rewards.py L48-L51, L78-L81):
+    `parse(solution, extraction_mode="first_match")` with math-verify's default targets (LaTeX
+    in delimiters, plain expressions); when it finds nothing the accuracy reward is None and the
+    row is never hinted. Bare LaTeX fails it for want of $...$, although is_correct, which
+    wraps the gold in $...$ itself, reads it: ghpo.skip_unparsed_gold follows the official rule.
+
+    >>> gold_parses("204"), gold_parses("\\\\frac{14}{3}"), gold_parses("\\\\boxed{\\\\sqrt{51}}")
+    (True, True, True)
+    >>> gold_parses("\\\\sqrt{51}"), gold_parses("p - q"), gold_parses("\\\\text{Evelyn}")
+    (False, False, False)
+    """
+    from math_verify import parse
+
+    try:
+        return len(parse(str(gold), extraction_mode="first_match")) > 0
+    except Exception:  # a parser error or a timeout: nothing found, as in the official reward
+        return False
+
+
 # =============================================================================================
 # 3. Rewards: correctness, the official format term and repetition penalty
 # =============================================================================================

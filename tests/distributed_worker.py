@@ -4,6 +4,7 @@
     python -m torch.distributed.run --nproc_per_node=2 tests/distributed_worker.py step ...
     python -m torch.distributed.run --nproc_per_node=2 tests/distributed_worker.py guide DIR OUT
     python -m torch.distributed.run --nproc_per_node=2 tests/distributed_worker.py nan JSON
+    python -m torch.distributed.run --nproc_per_node=2 tests/distributed_worker.py evaluate ...
 
 `step`: one train_on_batch on a fixed global batch of 2 groups x 4 answers of different
 lengths, each rank taking its contiguous share (one group each), with SGD at learning rate 1,
@@ -13,6 +14,10 @@ weights and the step's metrics go to the checkpoint folder OUT/checkpoint-1.
 `guide`: apply_guidance under FSDP2 with one group per rank, where only rank 0's group needs
 teachers (all wrong) and rank 1's does not (one right): rank 0 scores its candidates while rank
 1 has nothing to score. Each rank writes its metrics to OUT/rank<r>.json.
+
+`evaluate`: ampo.evaluate of an official-schema test file with several data sources, each
+rank answering its contiguous share with a scripted policy (answer j to a question is right
+iff j < the count PLAN gives it; the verifier is the real one). Rank r writes OUT/rank<r>.json.
 
 `nan`: a whole training run (ampo.train, DDP) whose advantages are all NaN, so that every
 update is skipped by the non-finite guard on every rank at once.
@@ -89,6 +94,27 @@ def guide(model_dir: str, out: str):
         json.dump({"metrics": metrics, "off_policy": rollout["off_policy"]}, f)
 
 
+def evaluate(model_dir: str, path: str, plan_json: str, out: str):
+    rank, world = infra.init_distributed()
+    model, tok = infra.load_model(ampo.ModelConfig(name_or_path=model_dir))
+    plan = json.loads(plan_json)  # {question: [gold, right answers of 4]}
+
+    def scripted(model, tokenizer, prompts, n, max_new, temperature=1.0, top_p=1.0):
+        out = []
+        for p in prompts:
+            gold, c = next(v for q, v in plan.items() if q in p)
+            out += [tok(f"\\boxed{{{gold if j < c else -1}}}", add_special_tokens=False)
+                    ["input_ids"] + [tok.eos_token_id] for j in range(n)]
+        return out, [False] * len(out)
+
+    ampo.generate = scripted
+    cfg = ampo.Config()
+    cfg.train.verifier_workers, cfg.eval.pass_k, cfg.eval.prompts_per_batch = 0, [1, 2, 4], 2
+    result = ampo.evaluate(model, tok, cfg, path, rank, world, infra.all_sum)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
 def nan(config_json: str):
     cfg = ampo.Config()
     for section, values in json.loads(config_json).items():
@@ -100,4 +126,4 @@ def nan(config_json: str):
 
 
 if __name__ == "__main__":
-    {"step": step, "guide": guide, "nan": nan}[sys.argv[1]](*sys.argv[2:])
+    {"step": step, "guide": guide, "nan": nan, "evaluate": evaluate}[sys.argv[1]](*sys.argv[2:])

@@ -341,6 +341,40 @@ def test_load_official_ampo_parquet(tmp_path):
     assert [s for s, _ in r["teachers"]] == ["qwen3", "openr1"]
 
 
+def test_official_teachers_are_taken_best_quality_first(tmp_path):
+    # official: ampo/verl/verl/adaptive_mix_src/rl_dataset_with_target.py L194-L203 (with
+    # length_strategy 'short', the default at L97 and in exp_scripts/train_ampo.sh L27):
+    # sorted(target_lst, key=quality_score, reverse=True), then the first max_available_targets.
+    # Python's sort is stable, so the two 0.9s keep their file order (t1 before t3).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def row(scores):
+        targets = [{"content": f"attempt {i}: 6 * 7 = \\boxed{{42}}", "source": f"t{i}"}
+                   for i in range(len(scores))]
+        for t, s in zip(targets, scores):
+            if s is not None:
+                t["quality_score"] = s
+        return {"prompt": [{"role": "user", "content": "Compute 6 * 7."}],
+                "reward_model": {"ground_truth": "42", "style": "rule"}, "target_lst": targets}
+
+    path = tmp_path / "ampo.parquet"
+    pq.write_table(pa.Table.from_pylist([row([0.2, 0.9, 0.5, 0.9, 0.1])]), path)
+    rows, stats = infra.load_dataset(str(path), max_teachers=4, workers=0)
+    assert [s for s, _ in rows[0]["teachers"]] == ["t1", "t3", "t2", "t0"]
+    assert rows[0]["teachers"][0][1].startswith("attempt 1:") and stats["teachers_kept"] == 4
+    # A file whose targets carry no quality_score keeps its own order.
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.Table.from_pylist([row([None] * 5)]), plain)
+    rows, _ = infra.load_dataset(str(plain), max_teachers=4, workers=0)
+    assert [s for s, _ in rows[0]["teachers"]] == ["t0", "t1", "t2", "t3"]
+    # Some scored and some not: the official loader fails on it (KeyError); here, an error.
+    mixed = tmp_path / "mixed.parquet"
+    pq.write_table(pa.Table.from_pylist([row([0.5, None, 0.7])]), mixed)
+    with pytest.raises(infra.InputError, match=r"mixed\.parquet row 0: .*quality_score"):
+        infra.load_dataset(str(mixed), workers=0)
+
+
 def test_load_official_ghpo_schema(tmp_path):
     row = {"problem": "What is 10 - 4?", "solution": "6", "solution_hint": "10 - 4 = 6. \\boxed{6}"}
     rows, _ = infra.load_dataset(write_jsonl(tmp_path / "g.jsonl", [row]), workers=0)
@@ -851,6 +885,122 @@ def test_evaluate_scores_a_scripted_policy(tiny_model_dir, tmp_path, monkeypatch
     assert got["pass@1"] == pytest.approx((0.5 + 0) / 2)
     assert got["pass@2"] == pytest.approx((5 / 6 + 0) / 2)
     assert got["pass@4"] == pytest.approx((1 + 0) / 2)
+
+
+# Two benchmarks in one file of the official validation schema (AMPO's data/valid.parquet:
+# data_source, prompt, reward_model.ground_truth), interleaved. The scripted policy answers
+# problem p right in answers 0 .. c-1 of 4: aime c = 2, 0; math c = 4, 1, 0.
+SOURCES = [("aime", "What is 2 + 3?", "5", 2), ("math", "What is 1 + 1?", "2", 4),
+           ("aime", "What is 4 + 4?", "8", 0), ("math", "What is 3 + 3?", "6", 1),
+           ("math", "What is 5 + 5?", "10", 0)]
+
+
+def write_valid_parquet(path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    system = {"role": "system", "content": "Put the final answer within <answer> </answer>."}
+    pq.write_table(pa.Table.from_pylist([
+        {"data_source": src, "prompt": [system, {"role": "user", "content": q}], "ability": "math",
+         "reward_model": {"ground_truth": gold, "style": "rule"},
+         "extra_info": {"index": i, "split": "default"}}
+        for i, (src, q, gold, _) in enumerate(SOURCES)]), path)
+    return str(path)
+
+
+def scripted_answers(tok, plan: dict):
+    """generate() for a scripted policy: answer j to a prompt is right iff j < plan[question]."""
+    def scripted(model, tokenizer, prompts, n, max_new, temperature=1.0, top_p=1.0):
+        out = []
+        for p in prompts:
+            c = next((c for q, (gold, c) in plan.items() if q in p), 0)
+            gold = next((g for q, (g, _) in plan.items() if q in p), "0")
+            for j in range(n):
+                text = f"\\boxed{{{gold}}}" if j < c else "\\boxed{-1}"
+                out.append(tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+        return out, [False] * len(out)
+    return scripted
+
+
+def test_evaluate_scores_each_data_source_of_an_official_file(tiny_model_dir, tmp_path,
+                                                              monkeypatch):
+    model, tok = infra.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
+    monkeypatch.setattr(ampo, "generate",
+                        scripted_answers(tok, {q: (g, c) for _, q, g, c in SOURCES}))
+    path = write_valid_parquet(tmp_path / "valid.parquet")
+    cfg = ampo.Config()
+    cfg.train.verifier_workers, cfg.eval.pass_k, cfg.eval.prompts_per_batch = 0, [1, 2, 4], 2
+    got = ampo.evaluate(model, tok, cfg, path)
+    # pass@2 = 1 - C(4 - c, 2) / C(4, 2): c = 0 -> 0, 1 -> 1/2, 2 -> 5/6, 4 -> 1
+    aime = {"problems": 2, "avg@4": 2 / 8, "pass@1": 2 / 8, "pass@2": (5 / 6 + 0) / 2,
+            "pass@4": (1 + 0) / 2}
+    math_ = {"problems": 3, "avg@4": 5 / 12, "pass@1": 5 / 12, "pass@2": (1 + 1 / 2 + 0) / 3,
+             "pass@4": (1 + 1 + 0) / 3}
+    assert got["by_source"] == {"aime": pytest.approx(aime), "math": pytest.approx(math_)}
+    # over all 5 problems, as before
+    assert (got["problems"], got["avg@4"]) == (5, pytest.approx(7 / 20))
+    assert got["pass@2"] == pytest.approx((5 / 6 + 1 + 1 / 2) / 5)
+    # The official avg_score: the plain mean of the sources' scores (official:
+    # ampo/verl/verl/adaptive_mix_src/mix_dapo_trainer.py L635-L647 each source's mean reward,
+    # L1201-L1202 their np.mean), here for every score.
+    assert got["source_mean"] == pytest.approx({k: (aime[k] + math_[k]) / 2 for k in aime
+                                                if k != "problems"})
+    assert got["source_mean"]["avg@4"] == pytest.approx(1 / 3)
+    # Two ranks (contiguous shares: problems 0-2 and 3-4), their sums added: the same result.
+    theirs = []
+    ampo.evaluate(model, tok, cfg, path, 1, 2, lambda v: theirs.append(v) or v)
+    two = ampo.evaluate(model, tok, cfg, path, 0, 2,
+                        lambda v: [a + b for a, b in zip(v, theirs[0])])
+    assert two["by_source"].keys() == got["by_source"].keys() and two["problems"] == 5
+    for source, scores in got["by_source"].items():
+        assert two["by_source"][source] == pytest.approx(scores)
+    assert two["source_mean"] == pytest.approx(got["source_mean"])
+    assert {k: two[k] for k in aime} == pytest.approx({k: got[k] for k in aime})
+
+
+def test_training_keeps_the_best_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    # The official trainer keeps the weights of the best avg_score (strictly greater, the first
+    # evaluation always counts): mix_dapo_trainer.py L1249-L1270. Evaluations at steps 1-4
+    # score avg@4 0.25, 0.5, 0.25, 0.5 over sources; step 2 is the best, and keep_last=1 never
+    # deletes it.
+    model, tok = infra.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir))
+    cfg = tiny_config(tiny_model_dir, tmp_path)
+    test_file = write_jsonl(tmp_path / "test.jsonl", [{"problem": "What is 7 + 1?", "answer": "8"}])
+    plan, calls = iter([1, 2, 1, 2, 2]), []
+    real = ampo.generate
+
+    def generate(model, tokenizer, prompts, n, max_new, temperature=1.0, top_p=1.0):
+        if "7 + 1" not in prompts[0]:  # a training rollout: the tiny model itself
+            return real(model, tokenizer, prompts, n, max_new, temperature, top_p)
+        calls.append(next(plan))
+        return scripted_answers(tok, {"7 + 1": ("8", calls[-1])})(model, tokenizer, prompts, n,
+                                                                   max_new, temperature, top_p)
+
+    monkeypatch.setattr(ampo, "generate", generate)
+    cfg.train.max_steps, cfg.log.keep_last = 4, 1
+    cfg.eval.files, cfg.eval.every, cfg.eval.pass_k = [test_file], 1, [1]
+    ampo.train(cfg)
+    run = tmp_path / "run"
+    lines = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    assert [x["eval_mean"]["avg@4"] for x in lines] == [0.25, 0.5, 0.25, 0.5]
+    assert json.loads((run / "best.json").read_text()) == {"step": 2, "metric": "avg@4",
+                                                          "score": 0.5}
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert infra.checkpoint_problem(run / "checkpoint-2", 1) is None  # whole, resumable
+    assert "best avg@4 over sources so far: 0.5000, checkpoint-2" in capsys.readouterr().out
+    # A resumed run knows the best so far: step 5's 0.5 is no better, checkpoint-2 stays. Step
+    # 5 is evaluated although 5 % eval.every != 0: the last step always is (official:
+    # mix_dapo_trainer.py L1192-L1196, `is_last_step or global_steps % test_freq == 0`).
+    cfg.train.max_steps, cfg.eval.every = 5, 2
+    ampo.train(cfg, resume=True)
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 5 and last["eval_mean"]["avg@4"] == 0.5 and calls == [1, 2, 1, 2, 2]
+    assert json.loads((run / "best.json").read_text())["step"] == 2
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-5"]
+    # avg, none or a pass@K of eval.pass_k; anything else is an error naming the key
+    cfg.eval.best_metric = "pass@3"
+    with pytest.raises(infra.InputError, match=r"eval.best_metric: one of avg\|none\|pass@1"):
+        ampo.check_config(cfg)
 
 
 def test_eval_command_and_periodic_eval(tiny_model_dir, tmp_path):

@@ -143,6 +143,7 @@ def test_ghpo_math_7b_is_the_official_recipe():
     assert g.hint_ratios == [0.25, 0.5, 0.75] and g.start_hint_step == 0
     assert (g.hint_unit, g.hint_includes_answer) == ("char", True)
     assert g.hint_template == ghpo.HINT_TEMPLATE  # the official sentence, untouched
+    assert g.skip_unparsed_gold  # official rewards.py L78-L81: no accuracy reward, no hint
     assert cfg.data.prompt_template == "{problem}"
     assert cfg.data.system_prompt.startswith("You are a helpful AI Assistant")
     assert cfg.data.system_prompt.endswith("<think>\n...\n</think>\n<answer>\n...\n</answer>")

@@ -90,6 +90,30 @@ def test_torchrun_training_run_logs_once_and_resumes(tiny_model_dir, tmp_path):
     assert (tmp_path / "run" / "checkpoint-3" / "model.safetensors").exists()
 
 
+def test_evaluate_per_data_source_over_two_ranks(tiny_model_dir, tmp_path):
+    """Two benchmarks interleaved in one file, 5 problems: rank 0 answers problems 0-2, rank 1
+    problems 3-4; each sums its own per source and the sums are all-reduced. Both ranks must
+    report exactly what one process does, per source and over sources."""
+    from test_ampo import SOURCES, write_valid_parquet
+
+    path = write_valid_parquet(tmp_path / "valid.parquet")
+    plan = json.dumps({q: [gold, c] for _, q, gold, c in SOURCES})
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    run([WORKER, "evaluate", tiny_model_dir, path, plan, str(tmp_path / "one")])
+    run([WORKER, "evaluate", tiny_model_dir, path, plan, str(tmp_path / "two")], nproc=2)
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    for rank in (0, 1):
+        two = json.loads((tmp_path / "two" / f"rank{rank}.json").read_text())
+        assert two["by_source"].keys() == one["by_source"].keys() == {"aime", "math"}
+        for source, scores in one["by_source"].items():
+            assert two["by_source"][source] == pytest.approx(scores)
+        assert two["source_mean"] == pytest.approx(one["source_mean"])
+        assert two["source_mean"]["avg@4"] == pytest.approx(1 / 3)  # (2/8 + 5/12) / 2
+        assert {k: two[k] for k in ("problems", "avg@4", "pass@2")} == pytest.approx(
+            {k: one[k] for k in ("problems", "avg@4", "pass@2")})
+
+
 def test_fsdp_guidance_with_only_one_rank_guided(tiny_model_dir, tmp_path):
     """FSDP2 on 2 ranks: rank 0's group failed (guided, 2 candidates to score), rank 1's did not
     (nothing to score). Every FSDP2 forward is a collective, so rank 1 must run as many dummy

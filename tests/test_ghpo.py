@@ -360,6 +360,48 @@ def test_ghpo_train_end_to_end_tiny(tiny_model_dir, tmp_path):
     assert last["step"] == 2
 
 
+# Real MATH-500 rows (problem and gold as in the official AMPO data/valid.parquet, rows 241,
+# 300, 337) in GHPO's schema. Their golds are bare LaTeX or text, which the official GHPO
+# reward cannot parse: parse(solution, extraction_mode="first_match") is empty, so the reward
+# is None (official: src/open_r1/rewards.py L48-L51, L78-L81), the row never counts as all
+# wrong and is never hinted (src/ghpo/ghpo_trainer.py L979, L997-L1001).
+UNPARSED_ROWS = [
+    {"problem": "Define\n\\[p = \\sum_{k = 1}^\\infty \\frac{1}{k^2} \\quad \\text{and} \\quad "
+                "q = \\sum_{k = 1}^\\infty \\frac{1}{k^3}.\\]Find a way to write\n\\[\\sum_{j = "
+                "1}^\\infty \\sum_{k = 1}^\\infty \\frac{1}{(j + k)^3}\\]in terms of $p$ and $q.$",
+     "solution": "p - q", "solution_hint": "Count the pairs (j, k) with j + k = n: n - 1."},
+    {"problem": "The polynomial $x^3 - 3x^2 + 4x - 1$ is a factor of $x^9 + px^6 + qx^3 + r.$  "
+                "Enter the ordered triple $(p,q,r).$",
+     "solution": "(6,31,-1)", "solution_hint": "Let a be a root; then a^3 = 3a^2 - 4a + 1."},
+    {"problem": "A figure skater is facing north when she begins to spin to her right. She spins "
+                "2250 degrees. Which direction (north, south, east or west) is she facing when "
+                "she finishes her spin?",
+     "solution": "\\text{east}", "solution_hint": "2250 = 6 * 360 + 90 degrees."},
+]
+
+
+def test_rows_whose_gold_does_not_parse_are_skipped(tiny_model_dir, tmp_path, capsys):
+    cfg = tiny_ghpo_config(tiny_model_dir, tmp_path)
+    with open(cfg.data.train_file, "a") as f:
+        for row in UNPARSED_ROWS:
+            f.write(json.dumps(row) + "\n")
+    cfg.train.max_steps, cfg.train.prompts_per_step, cfg.train.num_generations = 1, 4, 2
+    ghpo.train(cfg)  # 4 prompts a step: with 7 rows, any 4 but for the skip
+    assert "3 skipped by gold_answer_parses" in capsys.readouterr().out
+    samples = [json.loads(x) for x in open(tmp_path / "run" / "samples.jsonl")]
+    assert len(samples) == 4 and all(s["problem"].startswith("What is") for s in samples)
+    # One usable row short of a step: the skip is what makes it so.
+    cfg.train.prompts_per_step, cfg.log.output_dir = 5, str(tmp_path / "run2")
+    with pytest.raises(infra.InputError, match="4 usable rows, fewer than"):
+        ghpo.train(cfg)
+    # The switch off: all 7 rows train, the 3 unparsed ones included.
+    cfg.ghpo.skip_unparsed_gold, cfg.train.prompts_per_step = False, 7
+    cfg.log.output_dir = str(tmp_path / "run3")
+    ghpo.train(cfg)
+    samples = [json.loads(x) for x in open(tmp_path / "run3" / "samples.jsonl")]
+    assert sum(not s["problem"].startswith("What is") for s in samples) == 3
+
+
 def test_main_rejects_ampo_overrides_and_a_missing_solution(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="belongs to ampo.py"):
         ghpo.main(["--config", "config.yaml", "--ampo.trigger=always"])
