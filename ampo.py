@@ -799,18 +799,13 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str,
 # same step on them; the gradients meet in DDP's or FSDP2's all-reduce. For a token to weigh
 # the same whatever the number of ranks, the loss normalisers must count the whole step over
 # all ranks: the caller passes the world size and `all_sum`, a function that sums a list of
-# numbers over ranks (infra.all_sum; in one process the identity), and this step never talks
-# to other processes itself. tests/test_distributed.py checks that two ranks give the update
-# of one process on the same global batch.
-
-
-def no_reduce(values: list[float]) -> list[float]:
-    """all_sum in one process: the numbers themselves."""
-    return list(values)
+# numbers over ranks (infra.all_sum; in one process `list`, the numbers themselves), and this
+# step never talks to other processes itself. tests/test_distributed.py checks that two ranks
+# give the update of one process on the same global batch.
 
 
 def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, gamma: float,
-                   world: int = 1, all_sum=no_reduce) -> dict:
+                   world: int = 1, all_sum=list) -> dict:
     """num_minibatches optimizer steps over the batch; returns metrics averaged over them.
 
     batch: input_ids [N, L], attention_mask [N, L], completion_mask [N, C], advantages [N],
@@ -920,7 +915,8 @@ def check_update(policy, batch: dict, update: dict, skipped_in_a_row: int,
     forward overflows (a learning rate of 1e30: the gradient itself was finite). A forward of
     one sequence on the updated policy catches the second, before anything is saved.
     """
-    skipped_in_a_row = skipped_in_a_row + 1 if update["skipped_updates"] == update["updates"] else 0
+    all_skipped = update["skipped_updates"] == update["updates"]
+    skipped_in_a_row = skipped_in_a_row + 1 if all_skipped else 0
     if skipped_in_a_row >= cfg.max_skipped_steps:
         raise RuntimeError(f"training stopped: {skipped_in_a_row} steps in a row skipped every "
                            f"update (non-finite gradients; train.max_skipped_steps = "
@@ -965,7 +961,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def evaluate(model, tokenizer, cfg: Config, path: str, rank: int = 0, world: int = 1,
-             all_sum=no_reduce) -> dict:
+             all_sum=list) -> dict:
     """avg@n and pass@k of the policy on one test file, with the training verifier: over all
     problems, per data source (a column of the official files) and averaged over sources.
 
