@@ -34,7 +34,7 @@ def test_group_advantages_scaled_by_unbiased_std():
 
 
 def test_group_advantages_spec_worked_example():
-    # spec/AMPO.md 5.1: six formatted-wrong rollouts at 0.1, two teachers at 1.0 -> mean 0.325
+    # official rewards (w = 0.1): six formatted-wrong rollouts at 0.1, two teachers at 1.0 -> mean 0.325
     got = ampo.group_advantages(torch.tensor([0.1] * 6 + [1.0, 1.0]), 8)
     assert torch.allclose(got[:6], torch.full((6,), -0.225), atol=1e-6)
     assert torch.allclose(got[6:], torch.full((2,), 0.675), atol=1e-6)

@@ -79,7 +79,7 @@ def test_config_fits_its_gpus(name):
 
 
 def test_ampo_7b_is_the_release_run():
-    """spec/AMPO.md section 6, number by number."""
+    """The official exp_scripts/train_ampo.sh, number by number."""
     path = CONFIGS[AMPO_7B]
     cfg = load(path)
     t, a = cfg.train, cfg.ampo
@@ -109,7 +109,7 @@ def test_embedded_default_scores_comprehension_on_the_boxed_span():
 
 
 def test_ampo_1_5b_is_the_dev_recipe():
-    """spec/AMPO.md section 6, "Development runs", with the release's method settings."""
+    """The authors' development runs (1 GPU), with the release's method settings."""
     path = CONFIGS[AMPO_1_5B]
     cfg, big = load(path), load(CONFIGS[AMPO_7B])
     t = cfg.train
@@ -125,7 +125,7 @@ def test_ampo_1_5b_is_the_dev_recipe():
 
 
 def test_ghpo_math_7b_is_the_official_recipe():
-    """spec/GHPO.md section 6."""
+    """The official recipes/Qwen2.5-Math-7B/ghpo/config_ghpo.yaml."""
     path = CONFIGS[GHPO_7B]
     cfg = load(path)
     t, g = cfg.train, cfg.ghpo
