@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import torch
 
 import infra
+import sampler
 import verify
 
 # =============================================================================================
@@ -109,9 +110,11 @@ class TrainConfig:
     verifier_timeout: float = 5.0  # seconds (whole) per math-verify call; a timeout is wrong
     # Scale (infra.py, section 4): under torchrun, DDP replicates the model on every rank;
     # FSDP2 shards weights, gradients and optimizer state across ranks (7B-class models). bf16
-    # computes in bfloat16 on CUDA while weights and optimizer state stay float32.
+    # computes in bfloat16 (CUDA, or a CPU with avx512_bf16) while weights and optimizer state
+    # stay float32; with sampler "loop" the rollouts come from a bfloat16 copy (sampler.py).
     parallelism: str = "ddp"  # ddp | fsdp; one process (plain python) uses neither
     bf16: bool = False
+    sampler: str = "generate"  # generate (HF) | loop (sampler.py: the fast CPU decode loop)
     # Rollouts with vLLM (vllm_engine.py, optional, GPU only): one colocated engine per rank.
     use_vllm: bool = False
     vllm_gpu_memory_utilization: float = 0.3  # share of each GPU the engine may take
@@ -207,6 +210,7 @@ def check_config(cfg: Config, world: int = 1):
     infra.one_of(t.loss_type, LOSS_TYPES, "train.loss_type")
     infra.one_of(t.parallelism, ("ddp", "fsdp"), "train.parallelism")
     infra.one_of(t.answer_rule, verify.RULES, "train.answer_rule")
+    infra.one_of(t.sampler, ("generate", "loop"), "train.sampler")
     infra.one_of(a.trigger, TRIGGERS, "ampo.trigger")
     infra.one_of(a.selection, SELECTIONS, "ampo.selection")
     infra.one_of(a.comprehension_score, COMPREHENSION_SCORES, "ampo.comprehension_score")
@@ -221,6 +225,9 @@ def check_config(cfg: Config, world: int = 1):
         # must run the same forwards; HF generate stops at each rank's own longest answer.
         raise infra.InputError("config key train.use_vllm: FSDP on several ranks samples with "
                                "vLLM (HF generate is not in lockstep over ranks)")
+    if t.sampler == "loop" and t.parallelism == "fsdp" and not t.use_vllm:
+        raise infra.InputError("config key train.sampler: 'loop' samples from a whole copy of "
+                               "the model, which FSDP shards; use generate or vLLM")
     if not all(isinstance(k, int) and 0 < k <= e.num_samples for k in e.pass_k):
         raise infra.InputError(f"config key eval.pass_k: every k in 1..eval.num_samples "
                                f"({e.num_samples}), got {e.pass_k}")
@@ -245,13 +252,17 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, max_new
 
     completions[i * G + j] is the token list of answer j to prompt i, up to and including its
     first stop token; truncated[...] is True when it hit max_new_tokens without stopping.
-    With train.use_vllm the policy carries a vLLM engine (vllm_engine.py), which samples instead.
+    A vLLM engine (train.use_vllm) or the CPU decode loop (train.sampler: loop) samples instead
+    when infra.attach_engine gave the policy one; both keep this contract.
     """
-    if getattr(model, "vllm_engine", None) is not None:
+    if getattr(model, "vllm_engine", None) is not None:  # train.use_vllm: vllm_engine.py
         import vllm_engine
 
         return vllm_engine.generate(model.vllm_engine, tokenizer, prompts, num_generations,
                                     max_new_tokens, temperature, top_p)
+    if getattr(model, "fast_sampler", None) is not None:  # train.sampler: loop, sampler.py
+        return sampler.generate(model.fast_sampler, tokenizer, prompts, num_generations,
+                                max_new_tokens, temperature, top_p)
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                     add_special_tokens=False).to(model.device)
     stop = tokenizer.eos_token_id
@@ -967,22 +978,12 @@ def evaluate(model, tokenizer, cfg: Config, path: str, rank: int = 0, world: int
 
     Under torchrun each rank answers a contiguous share of the problems (rank, world) and the
     sums per source are added over ranks with all_sum (infra.all_sum). Prompts longer than
-    data.max_prompt_length tokens are dropped and counted, as in training: one 100k-character
-    problem would otherwise ask for gigabytes of activations.
+    data.max_prompt_length tokens are dropped and counted, as in training.
     """
     e, t = cfg.eval, cfg.train
-    rows, _ = infra.load_dataset(path, 0, t.verifier_workers, timeout=t.verifier_timeout)
-    rows = rows[:e.max_problems or None]
-    prompts = [infra.build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt)
-               for r in rows]
-    fits = [i for i, ids in enumerate(tokenizer(prompts, add_special_tokens=False)["input_ids"])
-            if len(ids) <= cfg.data.max_prompt_length]
-    if not fits:
-        raise infra.InputError(f"{path}: no problem fits data.max_prompt_length")
-    sources, dropped = [rows[i]["data_source"] for i in fits], len(rows) - len(fits)
-    share = math.ceil(len(fits) / world)
-    mine = fits[rank * share:(rank + 1) * share]
-    rows, prompts = [rows[i] for i in mine], [prompts[i] for i in mine]
+    rows, prompts, dropped = infra.load_eval_prompts(cfg, tokenizer, path)
+    sources, share = [r["data_source"] for r in rows], math.ceil(len(rows) / world)
+    rows, prompts = rows[rank * share:(rank + 1) * share], prompts[rank * share:(rank + 1) * share]
     n = e.num_samples
     correct = []
     for start in range(0, len(rows), e.prompts_per_batch):

@@ -569,10 +569,12 @@ def wrap_model(model, cfg):
             fully_shard(layer, mp_policy=mp)
         return fully_shard(model, mp_policy=mp)
     one_of(cfg.parallelism, ("ddp", "fsdp"), "train.parallelism")
-    if cfg.bf16 and torch.cuda.is_available():
+    if cfg.bf16:
         # float32 weights and optimizer, bfloat16 matmuls: autocast around every forward of the
-        # policy (training, scoring and sampling alike), as accelerate does it.
-        model.forward = torch.autocast("cuda", dtype=torch.bfloat16)(model.forward)
+        # policy (training, scoring and HF sampling alike), as accelerate does it. On a CPU this
+        # needs native bf16 (avx512_bf16 or AMX): there it halves a training step (BENCHMARKS.md).
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model.forward = torch.autocast(device, dtype=torch.bfloat16)(model.forward)
     if world == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -1009,10 +1011,28 @@ def load_prompts(cfg, tokenizer, require_solution: bool, verbose: bool, keep_row
     return rows, texts, fits
 
 
-# With train.use_vllm every rank samples with its own colocated vLLM engine (vllm_engine.py),
-# carried by the policy as `policy.vllm_engine`; ampo.generate uses it when it is there. The
-# engine sleeps during the update (its GPU memory goes to training) and receives the new
-# weights after it. Without vLLM these hooks do nothing.
+def load_eval_prompts(cfg, tokenizer, path: str):
+    """(rows, prompts, dropped) of a test file for ampo.evaluate: its first eval.max_problems
+    rows whose prompt fits data.max_prompt_length, and how many did not fit (dropped and
+    counted, as in training: one 100k-character problem would ask for gigabytes)."""
+    t = cfg.train
+    rows, _ = load_dataset(path, 0, t.verifier_workers, timeout=t.verifier_timeout)
+    rows = rows[:cfg.eval.max_problems or None]
+    prompts = [build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt)
+               for r in rows]
+    fits = [i for i, ids in enumerate(tokenizer(prompts, add_special_tokens=False)["input_ids"])
+            if len(ids) <= cfg.data.max_prompt_length]
+    if not fits:
+        raise InputError(f"{path}: no problem fits data.max_prompt_length")
+    return [rows[i] for i in fits], [prompts[i] for i in fits], len(rows) - len(fits)
+
+
+# A rollout engine samples instead of HF generate, carried by the policy; ampo.generate uses it
+# when it is there. With train.use_vllm every rank has its own colocated vLLM engine
+# (vllm_engine.py) as `policy.vllm_engine`: it sleeps during the update (its GPU memory goes to
+# training) and receives the new weights after it. With train.sampler "loop" (and no vLLM) the
+# engine is sampler.py's frozen copy of the policy, `policy.fast_sampler`, refreshed after
+# every update. Without either these hooks do nothing.
 
 
 def attach_engine(policy, cfg, path: str):
@@ -1020,6 +1040,12 @@ def attach_engine(policy, cfg, path: str):
         import vllm_engine
 
         policy.vllm_engine = vllm_engine.make_engine(path, cfg)
+    elif cfg.train.sampler == "loop":
+        import sampler
+
+        # object.__setattr__: a module assigned to a module attribute would become a submodule,
+        # with its weights in the policy's state_dict, optimizer and checkpoints.
+        object.__setattr__(policy, "fast_sampler", sampler.make_sampler(policy, cfg.train.bf16))
 
 
 def engine_sleep(policy, cfg):
@@ -1037,6 +1063,10 @@ def engine_refresh(policy, cfg):
         if cfg.train.vllm_enable_sleep_mode:
             vllm_engine.wake_up(policy.vllm_engine)
         vllm_engine.push_weights(policy.vllm_engine, policy)
+    elif cfg.train.sampler == "loop":
+        import sampler
+
+        sampler.refresh(policy.fast_sampler, policy)
 
 
 def group_samples(rollout: dict, rows: list[dict], group_size: int) -> list[dict]:

@@ -259,7 +259,7 @@ def test_check_config_cross_keys_depend_on_the_world_size(monkeypatch):
     with pytest.raises(infra.InputError, match="train.prompts_per_step: 2 prompts do not split "
                                                "evenly over 3 ranks"):
         ampo.check_config(cfg, world=3)
-    cfg.train.parallelism = "fsdp"
+    cfg.train.parallelism, cfg.train.sampler = "fsdp", "generate"
     ampo.check_config(cfg, world=1)  # one process: FSDP2 is the model itself
     with pytest.raises(infra.InputError, match="train.use_vllm"):
         ampo.check_config(cfg, world=2)
