@@ -1031,17 +1031,22 @@ def _without_times(lines):
     return [{k: v for k, v in x.items() if k not in ("time", "tokens_per_s")} for x in lines]
 
 
-def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("fast", [False, True])
+def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_model_dir, tmp_path,
+                                                                       fast):
     """Four steps straight, against two steps, a crash inside step 3, and `--resume`.
 
     Everything random is in play: the hybrid trigger and substitution slots (guidance
     generator), sampling (torch), the data order (one prompt a step over four rows: the
     checkpoint falls mid-epoch, a new epoch starts at step 5), two updates a step (Adam
-    moments, pi_old) and a KL term against the starting weights.
+    moments, pi_old) and a KL term against the starting weights. `fast`: the embedded
+    default's bfloat16 compute and decode loop, whose bfloat16 copy of the policy must come
+    back from the checkpoint exactly as the straight run refreshed it.
     """
     def config(run):
         cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=5, prompts_per_step=1,
-                          num_minibatches=2, beta=0.01)
+                          num_minibatches=2, beta=0.01, bf16=fast,
+                          sampler="loop" if fast else "generate")
         cfg.ampo.trigger = "hybrid"
         cfg.ampo.hybrid_prob = 0.5
         cfg.log.output_dir = str(tmp_path / run)
