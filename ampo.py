@@ -491,12 +491,16 @@ def comprehension_scores(model, tokenizer, prompts: list[str], responses: list[s
             attn[row, :len(seq)] = 1
             gold[row, :len(seq)] = torch.tensor(mask)
         ids, attn, gold = ids.to(model.device), attn.to(model.device), gold.to(model.device)
+        # Only the logits that predict a gold token are needed: the columns c whose next token
+        # is gold in some row (the head and log-softmax over the vocabulary are most of the cost).
+        cols = gold[:, 1:].any(0).nonzero().squeeze(-1)  # [k]
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # [n, L, V]
-            # log p(token t | tokens < t) = log_softmax(logits / T), one column to the left
-            logp = logits[:, :-1].float().div_(temperature).log_softmax(-1).gather(  # in place
-                -1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [n, L - 1]
-        m = gold[:, 1:].float()  # [n, L - 1] the gold-answer tokens
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False,
+                           logits_to_keep=cols).logits  # [n, k, V]
+            # log p(token c + 1 | tokens <= c) = log_softmax(logits at c / T)
+            logp = logits.float().div_(temperature).log_softmax(-1).gather(  # in place
+                -1, ids[:, cols + 1].unsqueeze(-1)).squeeze(-1)  # [n, k]
+        m = gold[:, cols + 1].float()  # [n, k] the gold-answer tokens
         n_gold = m.sum(-1)  # [n]
         if mode == "arith":
             # score = (1/|y*|) sum_t p_t

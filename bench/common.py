@@ -75,8 +75,8 @@ def fmt(v):
 def report(name: str, rows: list[dict], out: str, columns: list[str] | None = None,
            extra: dict | None = None) -> dict:
     """Print rows as a markdown table (columns, or every key of the first row) and write
-    {"benchmark", "machine", "rows", ...extra} as JSON to `out`."""
-    columns = columns or list(rows[0])
+    {"benchmark", "machine", "rows", ...extra} as JSON to `out`. Returns that dict."""
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
     print(f"\n{name} on {machine()['cpu']}\n")
     print("| " + " | ".join(columns) + " |")
     print("|" + " --- |" * len(columns))

@@ -87,6 +87,7 @@ def main():
                     help="also HF generate with cache_implementation=static, compiled")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shapes", default="2x8x96,8x8x256")
+    ap.add_argument("--skip", default="", help="comma-separated methods to leave out")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "rollout.json"))
     args = ap.parse_args()
     if args.tiny:
@@ -109,6 +110,8 @@ def main():
         policy, tok, p, G, n, T, fixed)}
     methods.update({name: (lambda e: lambda p, G, n, fixed: loop_generate(e, tok, p, G, n, T, fixed))(e)
                     for name, e in engines.items()})
+    methods = {m: fn for m, fn in methods.items() if m.split()[0] + " " + m.split()[1]
+               not in args.skip.split(",")}
     compile_s = {}
     if args.compile:
         from transformers import CompileConfig
@@ -122,9 +125,12 @@ def main():
         prompts = [infra.build_prompt(tok, r, cfg.data.prompt_template, cfg.data.system_prompt)
                    for r in rows[:P]]
         times = {m: {"fixed": [], "one": [], "sampled": [], "tokens": []} for m in methods}
-        for m, fn in methods.items():  # warm-up; for compile: every shape it will see
+        for m, fn in methods.items():  # warm-up; compiling: every shape it will see
             tick = time.perf_counter()
-            fn(prompts, G, n, True), fn(prompts, G, 1, True), fn(prompts, G, n, False)
+            if "compile" in m:
+                fn(prompts, G, n, True), fn(prompts, G, 1, True), fn(prompts, G, n, False)
+            else:
+                fn(prompts, G, 8, True)
             compile_s[f"{m} {P}x{G}x{n}"] = time.perf_counter() - tick
         for r in range(repeats):
             for m, fn in methods.items():
