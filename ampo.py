@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 import torch
 
 import infra
-import sampler
 import verify
 
 # =============================================================================================
@@ -255,14 +254,9 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, max_new
     A vLLM engine (train.use_vllm) or the CPU decode loop (train.sampler: loop) samples instead
     when infra.attach_engine gave the policy one; both keep this contract.
     """
-    if getattr(model, "vllm_engine", None) is not None:  # train.use_vllm: vllm_engine.py
-        import vllm_engine
-
-        return vllm_engine.generate(model.vllm_engine, tokenizer, prompts, num_generations,
-                                    max_new_tokens, temperature, top_p)
-    if getattr(model, "fast_sampler", None) is not None:  # train.sampler: loop, sampler.py
-        return sampler.generate(model.fast_sampler, tokenizer, prompts, num_generations,
-                                max_new_tokens, temperature, top_p)
+    engine = infra.rollout_engine(model)  # vllm_engine.generate, sampler.generate or None
+    if engine is not None:
+        return engine(tokenizer, prompts, num_generations, max_new_tokens, temperature, top_p)
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                     add_special_tokens=False).to(model.device)
     stop = tokenizer.eos_token_id

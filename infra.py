@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -1046,6 +1047,20 @@ def attach_engine(policy, cfg, path: str):
         # object.__setattr__: a module assigned to a module attribute would become a submodule,
         # with its weights in the policy's state_dict, optimizer and checkpoints.
         object.__setattr__(policy, "fast_sampler", sampler.make_sampler(policy, cfg.train.bf16))
+
+
+def rollout_engine(policy):
+    """The policy's engine as a function with ampo.generate's arguments after the model, or
+    None when HF generate samples."""
+    if getattr(policy, "vllm_engine", None) is not None:
+        import vllm_engine
+
+        return functools.partial(vllm_engine.generate, policy.vllm_engine)
+    if getattr(policy, "fast_sampler", None) is not None:
+        import sampler
+
+        return functools.partial(sampler.generate, policy.fast_sampler)
+    return None
 
 
 def engine_sleep(policy, cfg):

@@ -1,0 +1,55 @@
+"""The benchmarks run end to end at tiny sizes (the smoke test .ci/run runs through pytest).
+
+Nothing here looks at a time: the figures are in BENCHMARKS.md, measured on a quiet machine.
+What is checked is what each benchmark promises besides speed: the same answers both ways.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(name, tmp_path, *extra):
+    out = tmp_path / f"{name}.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", f"{name}.py"), "--tiny",
+                    "--out", str(out), *extra], check=True, cwd=ROOT,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == name and result["machine"]["torch"]
+    return result["rows"]
+
+
+def test_rollout_bench_measures_every_method_and_the_floors(tmp_path):
+    rows = run_bench("rollout", tmp_path)
+    methods = [r["method"] for r in rows]
+    assert methods[:3] == ["generate float32 (baseline)", "loop float32", "loop bfloat16 (ours)"]
+    assert {"floor float32", "floor bfloat16"} <= set(methods)
+    for r in rows[:3]:  # at tiny sizes a difference of two times can be noise, even negative
+        assert math.isfinite(r["ms_per_decode_step"]) and r["sampled_tokens_per_s"] > 0
+    assert rows[0]["step_speedup"] == 1.0
+
+
+def test_comprehension_bench_scores_agree_with_the_official_design(tmp_path):
+    rows = run_bench("comprehension", tmp_path)
+    by = {r["method"]: r for r in rows}
+    assert by["ours batched, float32"]["max_abs_score_diff"] < 1e-5
+    assert by["official per-prompt, float32"]["max_abs_score_diff"] == 0
+
+
+def test_verification_bench_gives_the_same_verdicts_and_rejects_the_salt(tmp_path):
+    plain, salted = run_bench("verification", tmp_path)
+    assert plain["identical_verdicts"] and plain["correct_share"] == 0.5
+    assert salted["identical_verdicts"] and salted["adversarial_all_wrong"]
+    assert salted["every_item_answered"]
+
+
+def test_step_vs_trl_bench_runs_both_sides(tmp_path):
+    pytest.importorskip("trl")
+    rows = run_bench("step_vs_trl", tmp_path)
+    assert len(rows) == 3 and all(r["s_per_step"] > 0 for r in rows)
