@@ -4,7 +4,7 @@
     train.sampler: generate # HF model.generate on the policy itself (the default elsewhere)
 
 Why not `generate`? On a 2-core CPU, SmolLM2-135M at batch 16 spends ~150 ms a decode step in
-HF generate. A profile of one step (bench/rollout.py) shows where: the matrix products (~60%,
+HF generate. A profile of one step (BENCHMARKS.md) shows where: the matrix products (~60%,
 float32), the KV cache's torch.cat (~20%) and attention. What transformers offers for speed
 did not help here: a static KV cache is slower on CPU (attention over the whole cache), and a
 compiled static-cache step was slower still after a minute of compiling. Three things do help,
@@ -18,9 +18,10 @@ each measured side by side in bench/rollout.py:
   3. finished rows leave the batch: an answer that has emitted its stop token costs nothing
      more, while `generate` keeps decoding padding for it until the longest answer ends.
 
-Is sampling from a bfloat16 copy on-policy? Nearly: the copy's probabilities differ from the
-float32 policy's in the third digit, the same mismatch as a bf16 vLLM engine beside an fp32
-trainer. The loss never uses the sampler's probabilities: pi_old is the training policy's own
+Is sampling from a bfloat16 copy on-policy? Nearly: bfloat16 keeps about three significant
+digits, so the copy's probabilities differ a little from the float32 policy's (gold-token
+probabilities moved by up to 0.05 in bench/comprehension.py), the same mismatch as a bf16 vLLM
+engine beside an fp32 trainer. The loss never uses the sampler's probabilities: pi_old is the training policy's own
 log-prob (ampo.add_logprobs), so the ratio stays exactly 1 on the first update.
 """
 
