@@ -53,3 +53,10 @@ def test_step_vs_trl_bench_runs_both_sides(tmp_path):
     pytest.importorskip("trl")
     rows = run_bench("step_vs_trl", tmp_path)
     assert len(rows) == 3 and all(r["s_per_step"] > 0 for r in rows)
+
+
+def test_memory_bench_measures_every_phase(tmp_path):
+    rows = run_bench("memory", tmp_path)
+    assert [r["phase"].split(" (")[0] for r in rows] == [
+        "load model", "rollout", "teacher scoring", "batch", "update", "log-prob pass alone"]
+    assert all(r["peak_gib"] > 0 for r in rows) and rows[-1]["float32_NxCxV_gib"] > 0
