@@ -512,6 +512,15 @@ def init_distributed() -> tuple[int, int]:
     return rank_and_world()
 
 
+def finish_distributed():
+    """Leave torchrun's process group together: wait for every rank, then destroy the group.
+    A rank that exits while its peers still hold gloo connections can abort in teardown
+    ("terminate called without an active exception"), turning a finished run into a failure."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     """The number of processes of this run, also before init_distributed (torchrun sets
     WORLD_SIZE), so that the config can be checked before anything starts."""
@@ -1265,7 +1274,9 @@ def cli(argv, doc: str, cls, foreign, train_fn, eval_fn):
     try:
         cfg = load_config(args.config, overrides, cls, foreign)
         if not args.eval:
-            return train_fn(cfg, resume=args.resume)
+            result = train_fn(cfg, resume=args.resume)
+            finish_distributed()
+            return result
         results = eval_fn(cfg)
     except InputError as e:
         sys.exit(f"error: {e}")
@@ -1276,4 +1287,5 @@ def cli(argv, doc: str, cls, foreign, train_fn, eval_fn):
         with open(out / "eval.jsonl", "a") as f:
             for r in results:
                 f.write(json.dumps({"model": cfg.model.name_or_path, **r}) + "\n")
+    finish_distributed()
     return results

@@ -127,3 +127,4 @@ def nan(config_json: str):
 
 if __name__ == "__main__":
     {"step": step, "guide": guide, "nan": nan, "evaluate": evaluate}[sys.argv[1]](*sys.argv[2:])
+    infra.finish_distributed()
