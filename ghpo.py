@@ -166,7 +166,8 @@ def hinted_prompt_text(tokenizer, row: dict, cfg: Config, ratio: float) -> tuple
     training prompt from the left while vLLM got it whole: a mismatch we do not copy).
     """
     g = cfg.ghpo
-    messages = infra.chat_messages(row, cfg.data.prompt_template, cfg.data.system_prompt)
+    messages = infra.chat_messages(row, cfg.data.prompt_template, cfg.data.system_prompt,
+                                   cfg.data.example)
     user = max(i for i, m in enumerate(messages) if m["role"] == "user")
     floor = len(messages[user]["content"]) + len(g.hint_template)  # where the prefix starts
     content = build_hinted_prompt(messages[user]["content"], row["solution"], ratio,

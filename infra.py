@@ -392,23 +392,32 @@ def load_dataset(path: str, max_teachers: int = 4, workers: int = 2,
     return rows, stats
 
 
-def chat_messages(row: dict, template: str, system_prompt: str | None) -> list[dict]:
-    """The row's conversation: its own chat list, or [system,] user = template(problem).
+def chat_messages(row: dict, template: str, system_prompt: str | None,
+                  example=()) -> list[dict]:
+    """The row's conversation: its own chat list, or [system,] [example user, example
+    assistant,] user = template(problem). The question is always the last user turn.
 
     >>> chat_messages({"messages": None, "problem": "1+1?"}, "Q: {problem}", None)
     [{'role': 'user', 'content': 'Q: 1+1?'}]
+    >>> [m["content"] for m in chat_messages({"messages": None, "problem": "1+1?"},
+    ...                                      "Q: {problem}", None, ["2+3?", "5"])]
+    ['Q: 2+3?', '5', 'Q: 1+1?']
     """
     if row["messages"] is not None:
         return [dict(m) for m in row["messages"]]  # a copy: ghpo.py edits the user turn
     messages = [{"role": "user", "content": template.format(problem=row["problem"])}]
+    if example:
+        messages = [{"role": "user", "content": template.format(problem=example[0])},
+                    {"role": "assistant", "content": example[1]}] + messages
     if system_prompt is not None:
         messages = [{"role": "system", "content": system_prompt}] + messages
     return messages
 
 
-def build_prompt(tokenizer, row: dict, template: str, system_prompt: str | None) -> str:
+def build_prompt(tokenizer, row: dict, template: str, system_prompt: str | None,
+                 example=()) -> str:
     """The chat-formatted prompt text the policy continues (ends with the assistant header)."""
-    return tokenizer.apply_chat_template(chat_messages(row, template, system_prompt),
+    return tokenizer.apply_chat_template(chat_messages(row, template, system_prompt, example),
                                          add_generation_prompt=True, tokenize=False)
 
 
@@ -1004,7 +1013,8 @@ def load_prompts(cfg, tokenizer, require_solution: bool, verbose: bool, keep_row
     rows, stats = load_dataset(cfg.data.train_file, cfg.ampo.max_available_targets,
                                cfg.train.verifier_workers, require_solution,
                                timeout=cfg.train.verifier_timeout)
-    texts = [build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt)
+    texts = [build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt,
+                         cfg.data.example)
              for r in rows]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     fits = [i for i, p in enumerate(ids) if len(p) <= cfg.data.max_prompt_length]
@@ -1029,7 +1039,8 @@ def load_eval_prompts(cfg, tokenizer, path: str):
     t = cfg.train
     rows, _ = load_dataset(path, 0, t.verifier_workers, timeout=t.verifier_timeout)
     rows = rows[:cfg.eval.max_problems or None]
-    prompts = [build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt)
+    prompts = [build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt,
+                         cfg.data.example)
                for r in rows]
     fits = [i for i, ids in enumerate(tokenizer(prompts, add_special_tokens=False)["input_ids"])
             if len(ids) <= cfg.data.max_prompt_length]

@@ -75,19 +75,24 @@ def generate(sampler, tokenizer, prompts: list[str], num_generations: int, max_n
     completion up to and including its first stop token."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                     add_special_tokens=False)
-    ids = enc.input_ids.repeat_interleave(num_generations, 0)  # [N, P]
-    mask = enc.attention_mask.repeat_interleave(num_generations, 0)  # [N, P]
-    stop = tokenizer.eos_token_id
-    N = ids.shape[0]
+    G, stop = num_generations, tokenizer.eos_token_id
+    N = enc.input_ids.shape[0] * G
     completions = [[] for _ in range(N)]
     alive = torch.arange(N)  # [n] which sequences are still being decoded
     cache = DynamicCache(config=sampler.config)
     # Left padding shifts every prompt; positions count real tokens only.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, P]
+    positions = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
     with torch.inference_mode():
-        logits = sampler(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, logits_to_keep=1).logits[:, -1]  # [N, V]
-        positions = positions[:, -1:]  # [N, 1]
+        # Each prompt is read once, then its cache and last logits are copied for its G
+        # answers: the G copies of a prompt are identical up to here. (With a one-shot example
+        # the prompt is longer than the answer, and reading it G times cost most of the time.)
+        logits = sampler(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                         position_ids=positions, past_key_values=cache,
+                         logits_to_keep=1).logits[:, -1]  # [B, V]
+        cache.batch_repeat_interleave(G)
+        logits = logits.repeat_interleave(G, 0)  # [N, V]
+        mask = enc.attention_mask.repeat_interleave(G, 0)  # [N, P]
+        positions = positions[:, -1:].repeat_interleave(G, 0)  # [N, 1]
         for step in range(max_new_tokens):
             tokens = sample_next(logits, temperature, top_p)  # [n]
             for row, tok in zip(alive.tolist(), tokens.tolist()):

@@ -75,7 +75,8 @@ def main():
     for n_prompts in cases:
         prompts, responses, golds, groups = [], [], [], []
         for r in rows[:n_prompts]:
-            p = infra.build_prompt(tok, r, cfg.data.prompt_template, cfg.data.system_prompt)
+            p = infra.build_prompt(tok, r, cfg.data.prompt_template, cfg.data.system_prompt,
+                                     cfg.data.example)
             groups.append(len(prompts))
             for _source, response in r["teachers"]:
                 prompts.append(p), responses.append(response), golds.append(r["answer"])

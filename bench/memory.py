@@ -80,7 +80,8 @@ def main():
     infra.attach_engine(policy, cfg, infra.model_path(cfg.model.name_or_path))
     data, _ = infra.load_dataset(os.path.join(ROOT, cfg.data.train_file), 4, workers=0)
     rows = data[:t.prompts_per_step]
-    prompts = [infra.build_prompt(tok, r, cfg.data.prompt_template, cfg.data.system_prompt)
+    prompts = [infra.build_prompt(tok, r, cfg.data.prompt_template, cfg.data.system_prompt,
+                                     cfg.data.example)
                for r in rows]
     rollout, _ = phase("rollout (sample + verify)",
                        lambda: ampo.sample_groups(policy, tok, rows, prompts, cfg), rows_out)

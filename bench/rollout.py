@@ -122,7 +122,8 @@ def main():
             policy, tok, p, G, n, T, fixed, cache_implementation="static", compile_config=cc)
     results = []
     for P, G, n in shapes:
-        prompts = [infra.build_prompt(tok, r, cfg.data.prompt_template, cfg.data.system_prompt)
+        prompts = [infra.build_prompt(tok, r, cfg.data.prompt_template, cfg.data.system_prompt,
+                                     cfg.data.example)
                    for r in rows[:P]]
         times = {m: {"fixed": [], "one": [], "sampled": [], "tokens": []} for m in methods}
         for m, fn in methods.items():  # warm-up; compiling: every shape it will see

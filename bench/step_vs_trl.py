@@ -47,7 +47,8 @@ def run_trl(args):
     path = args.model or infra.model_path(cfg.model.name_or_path)
     rows, _ = infra.load_dataset(os.path.join(ROOT, cfg.data.train_file), 0, workers=0)
     data = Dataset.from_list([{"prompt": infra.chat_messages(r, cfg.data.prompt_template,
-                                                             cfg.data.system_prompt),
+                                                             cfg.data.system_prompt,
+                                                             cfg.data.example),
                                "answer": r["answer"]} for r in rows])
     tokens = []
     tok = AutoTokenizer.from_pretrained(path)

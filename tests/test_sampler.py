@@ -44,6 +44,23 @@ def test_greedy_loop_equals_hf_generate_with_rows_finishing_early(tiny):
     assert truncated[1] == (stop not in got[1])
 
 
+def test_each_prompt_is_read_once_and_its_answers_continue_from_copies(tiny):
+    # G = 3 greedy answers per prompt, from one read of each prompt whose cache is copied:
+    # every copy must give HF generate's greedy answer of its own prompt, in prompt order.
+    model, tok = tiny
+    prompts = prompts_of(tok)
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left",
+              add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                             pad_token_id=tok.pad_token_id)[:, enc.input_ids.shape[1]:]
+    got, _ = sampler.generate(sampler.make_sampler(model, bf16=False), tok, prompts, 3, 8,
+                              temperature=1e-6)
+    want = [row for row in out.tolist() for _ in range(3)]
+    assert [g[:8] for g in got] == [w[:len(g)] for g, w in zip(got, want)]
+    assert got[0] != got[3]  # the two prompts' answers differ: the copies did not mix
+
+
 def test_sampled_answers_keep_ampo_generate_contract(tiny):
     model, tok = tiny
     torch.manual_seed(0)
