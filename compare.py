@@ -204,6 +204,7 @@ def table(summary: dict) -> str:
 def plot_passk(base: list[dict], runs: list[dict], out: str):
     """pass@k against k: the base model and each method after training, mean and seed range."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -217,10 +218,14 @@ def plot_passk(base: list[dict], runs: list[dict], out: str):
         line, = ax.plot(PASS_K, [sum(v) / len(v) for v in vals], marker="o", label=label)
         ax.fill_between(PASS_K, [min(v) for v in vals], [max(v) for v in vals],
                         color=line.get_color(), alpha=0.2)
-        seeds = [r["seed"] for r in rs]
-        bx.plot(seeds, [r["eval"]["avg@8"] for r in rs], marker="o", linestyle="none",
-                label=label, color=line.get_color())
-    ax.set(xscale="log", xticks=PASS_K, xticklabels=PASS_K, xlabel="k", title="held-out pass@k")
+        shift = 0.1 * (list(groups).index(label) - 1.5)  # side by side: equal scores stay visible
+        bx.plot([r["seed"] + shift for r in rs], [r["eval"]["avg@8"] for r in rs], marker="o",
+                linestyle="none", label=label, color=line.get_color())
+    ax.set(xscale="log", xlabel="k", title="held-out pass@k")
+    ax.set_xticks(PASS_K, [str(k) for k in PASS_K])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    seeds = sorted({r["seed"] for r in base})
+    bx.set_xticks(seeds, [str(s) for s in seeds])
     bx.set(xlabel="seed", title="held-out avg@8 per seed")
     for a in (ax, bx):
         a.legend(fontsize=7)
