@@ -74,10 +74,7 @@ class DataConfig:
     # official AMPO schema bring their own chat messages and ignore it.
     prompt_template: str = "{problem}\nPut your final answer within \\boxed{{}}."
     system_prompt: str | None = None  # None: the chat template's own default (SmolLM2 has one)
-    # A worked example shown before every question as one earlier exchange, [problem, answer]:
-    # the problem goes through prompt_template, the answer is the assistant's. [] for none. A
-    # small model copies the answer's format far better from a turn than from an instruction.
-    example: list = field(default_factory=list)
+    example: list = field(default_factory=list)  # [problem, answer]: one exchange first (infra)
     max_prompt_length: int = 1024  # longer prompts are dropped at load time, and counted
 
 
@@ -219,11 +216,7 @@ def check_config(cfg: Config, world: int = 1):
     infra.one_of(a.comprehension_score, COMPREHENSION_SCORES, "ampo.comprehension_score")
     infra.one_of(a.comprehension_input, COMPREHENSION_INPUTS, "ampo.comprehension_input")
     infra.check_ranges(cfg, RANGES)
-    infra.check_template(cfg.data.prompt_template, "data.prompt_template")
-    if cfg.data.example and not (len(cfg.data.example) == 2
-                                 and all(isinstance(x, str) for x in cfg.data.example)):
-        raise infra.InputError(f"config key data.example: [problem, answer] (two strings) or [], "
-                               f"got {cfg.data.example!r}")
+    infra.check_template(cfg.data.prompt_template, "data.prompt_template", cfg.data.example)
     if t.prompts_per_step % world:
         raise infra.InputError(f"config key train.prompts_per_step: {t.prompts_per_step} prompts "
                                f"do not split evenly over {world} ranks")

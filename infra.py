@@ -204,10 +204,11 @@ def check_ranges(cfg, ranges: dict):
                 raise InputError(f"config key {key}: {rule}, got {value}")
 
 
-def check_template(template: str, key: str):
+def check_template(template: str, key: str, example=()):
     """A prompt template holds {problem} and no other field. Without it every prompt would be
     the template alone, the problem silently dropped; any other {field} (or a lone brace)
     would make str.format fail at the first prompt. A literal brace is written {{ or }}.
+    `example` (data.example) is [] or [problem, answer], two strings (see chat_messages).
 
     >>> check_template("{problem}\\nAnswer within \\\\boxed{{}}.", "data.prompt_template")
     >>> check_template("Solve: {question}", "data.prompt_template")  # doctest: +ELLIPSIS
@@ -225,6 +226,8 @@ def check_template(template: str, key: str):
     if fields != {"problem"}:
         raise InputError(f"config key {key}: needs {{problem}} and no other {{field}} (a literal "
                          f"brace is {{{{ or }}}}), got {template!r}")
+    if example and [type(x) for x in example] != [str, str]:
+        raise InputError(f"config key data.example: [problem, answer] or [], got {example!r}")
 
 
 # =============================================================================================
@@ -395,7 +398,9 @@ def load_dataset(path: str, max_teachers: int = 4, workers: int = 2,
 def chat_messages(row: dict, template: str, system_prompt: str | None,
                   example=()) -> list[dict]:
     """The row's conversation: its own chat list, or [system,] [example user, example
-    assistant,] user = template(problem). The question is always the last user turn.
+    assistant,] user = template(problem). The question is always the last user turn. The
+    example (data.example) is one worked exchange: a small model copies the answer's format
+    from an earlier turn far better than from an instruction (data/README.md measures it).
 
     >>> chat_messages({"messages": None, "problem": "1+1?"}, "Q: {problem}", None)
     [{'role': 'user', 'content': 'Q: 1+1?'}]
