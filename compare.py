@@ -1,7 +1,7 @@
-"""GRPO vs AMPO vs GHPO: the same start, the same budget, several seeds, one table and plots.
+"""GRPO vs AMPO vs GHPO: the same start, the same budget, several seeds, tables and plots.
 
-    HF_HUB_OFFLINE=1 python compare.py --config config.yaml --seeds 3 [--out runs/compare]
-        [--problems 48] [--section.key=value ...]
+    HF_HUB_OFFLINE=1 python compare.py --config config.yaml --seeds 3 [--regime mixed|hard]
+        [--out runs/compare] [--problems 48] [--section.key=value ...]
 
 For each seed, and each method in turn:
 
@@ -13,15 +13,24 @@ For each seed, and each method in turn:
 Every run starts from the same model with the same steps, prompts, answers, lengths, learning
 rate and seed (so the same prompts in the same order). The base model and every trained model
 are then evaluated on the first --problems rows of eval.files with 8 answers each: avg@8 and
-pass@k for k = 1, 2, 4, 8, sampled with the same seed, so before and after are paired.
+pass@k for k = 1, 2, 4, 8, sampled with the same seed, so before and after are paired. Every
+figure is also given per problem type (a row's data_source) and for two groups of the bundled
+types: those the start model solves often and those it almost never solves (HARD_TYPES).
+
+Two regimes (REGIMES), one switch: `mixed` trains and evaluates on the bundled mix as
+configured; `hard` trains only on the types the start model almost never solves and evaluates
+on their held-out rows, where GRPO's groups are nearly all unsolved: the papers' regime.
 
 Writes to --out: one folder a run (its metrics.jsonl, samples.jsonl, last checkpoint and
 result.json), results.json (every figure, per seed and as mean / std / min / max over seeds),
-results.md (the table) and three PNGs: curves.png (training curves, seeds as a shaded band),
-passk.png (pass@k before and after) and eval.png (held-out avg@8 per seed).
+results.md (the tables) and three PNGs: curves.png (training curves, seeds as a shaded band),
+mechanism.png (groups with no reward spread, gradient norm, share guided or rescued, per step)
+and passk.png (pass@k before and after, avg@8 per seed).
 
-Resumable: a run whose result.json exists is kept; an unfinished run is started again from
-scratch (runs save only their last checkpoint). Rerunning the same command finishes the job.
+Resumable: a run whose result.json exists is kept if it was made with the same resolved config
+as this command would use; if not, the command stops and names the keys that differ (or, with
+--rerun-stale, trains it again). An unfinished run is started again from scratch (runs save
+only their last checkpoint). Rerunning the same command finishes the job.
 """
 
 import argparse
@@ -41,8 +50,28 @@ import ghpo
 import infra
 import plot
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
+from make_data import HARD_TYPES, MIX  # noqa: E402  (the bundled types, data/README.md)
+
 METHODS = ("grpo", "ampo", "ghpo")
 PASS_K = [1, 2, 4, 8]
+KEYS = ["avg@8"] + [f"pass@{k}" for k in PASS_K]
+# The bundled problem types in two groups, by how often the start model solves them
+# (data/make_data.py: measured with data/measure.py on training rows, data/README.md).
+TYPE_GROUPS = {"easy types": [g.__name__ for g, _ in MIX if g.__name__ not in HARD_TYPES],
+               "hard types": list(HARD_TYPES)}
+# A regime is a set of overrides applied before the command line's (which still win) and its
+# number of evaluated problems. The hard budget fits 3 methods x 4 seeds, evaluations
+# included, in about 100 minutes on a 2-core CPU: a step there costs GRPO ~39 s, AMPO ~33 s and
+# GHPO ~70 s (its three hint stages resample nearly every group), an evaluation ~2.5 s a
+# problem (README "Results" has the measurement and the choice).
+REGIMES = {
+    "mixed": {"overrides": [], "problems": 48},
+    "hard": {"overrides": ["--data.train_file=data/train_hard.jsonl",
+                           "--eval.files=[data/test_hard.jsonl]",
+                           "--train.max_steps=8"],
+             "problems": 32},
+}
 
 
 def method_config(method: str, config: str, overrides: list[str], seed: int, folder: Path,
@@ -68,11 +97,33 @@ def method_config(method: str, config: str, overrides: list[str], seed: int, fol
 
 
 def evaluate(cfg, model_path: str) -> dict:
-    """avg@8 and pass@k of a model on eval.files[0], seeded by train.seed."""
+    """avg@8 and pass@k of a model on eval.files[0], seeded by train.seed: over the problems
+    and per problem type (the rows' data_source)."""
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=model_path))
     result = ampo.evaluate_files(cfg)[0]
-    keys = ["avg@8"] + [f"pass@{k}" for k in PASS_K]
-    return {"problems": result["problems"], **{k: result[k] for k in keys}}
+    return {"problems": result["problems"], **{k: result[k] for k in KEYS},
+            "by_type": {s: {k: b[k] for k in ["problems"] + KEYS}
+                        for s, b in result["by_source"].items()}}
+
+
+def type_groups(by_type: dict) -> dict:
+    """Each TYPE_GROUPS group's scores, pooled over its problems (a mean over problems, as the
+    file's own figure is); groups with no problem in the file are left out.
+
+    >>> r = type_groups({"add1": {"problems": 3, "avg@8": 0.5},
+    ...                  "chain": {"problems": 1, "avg@8": 0.0}, "sub": {"problems": 3, "avg@8": 0.2}})
+    >>> r["easy types"], {k: round(v, 4) for k, v in r["hard types"].items()}
+    ({'problems': 3, 'avg@8': 0.5}, {'problems': 4, 'avg@8': 0.15})
+    """
+    out = {}
+    for name, types in TYPE_GROUPS.items():
+        parts = [by_type[t] for t in types if t in by_type]
+        n = sum(p["problems"] for p in parts)
+        if n:
+            keys = [k for k in parts[0] if k != "problems"]
+            out[name] = {"problems": n, **{k: sum(p[k] * p["problems"] for p in parts) / n
+                                           for k in keys}}
+    return out
 
 
 def summarise_run(metrics: list[dict]) -> dict:
@@ -80,12 +131,16 @@ def summarise_run(metrics: list[dict]) -> dict:
     half = len(metrics) // 2
 
     def mean(key, rows=metrics):
-        vals = [m[key] for m in rows if key in m]
+        vals = [plot.value(m, key) for m in rows if plot.value(m, key) is not None]
         return sum(vals) / len(vals) if vals else None
 
     out = {"reward": mean("reward"), "accuracy": mean("accuracy"),
            "accuracy_last_half": mean("accuracy", metrics[half:]),
-           "entropy": mean("entropy"), "completion_len": mean("completion_len")}
+           "entropy": mean("entropy"), "completion_len": mean("completion_len"),
+           # the mechanism: groups that give no gradient, the gradient, guidance's share
+           "frac_reward_zero_std": mean("frac_reward_zero_std"), "grad_norm": mean("grad_norm")}
+    if any("guided_frac" in m or "rescued_frac" in m for m in metrics):
+        out["guided_or_rescued"] = mean("guided_or_rescued")
     if any("guided_frac" in m for m in metrics):
         out["guided_first_half"] = mean("guided_frac", metrics[:half])
         out["guided_last_half"] = mean("guided_frac", metrics[half:])
@@ -116,15 +171,47 @@ def spread(values: list[float]) -> dict:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested dicts (a resolved config each).
+
+    >>> config_diff({"train": {"lr": 1, "seed": 2}, "log": {}}, {"train": {"lr": 3, "seed": 2}})
+    ['log', 'train.lr']
+    """
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += config_diff(x, y, f"{prefix}{k}.")
+        elif x != y or (k in a) != (k in b):
+            out.append(prefix + k)
+    return out
+
+
+def reuse(path: Path, cfg, rerun_stale: bool) -> dict | None:
+    """A finished result made with this very config, or None (run it). A result made with
+    another config stops the comparison, naming the keys, unless rerun_stale."""
+    if not path.exists():
+        return None
+    done = json.loads(path.read_text())
+    diff = config_diff(done.get("config", {}), json.loads(json.dumps(dataclasses.asdict(cfg))))
+    if not diff:
+        return done
+    if rerun_stale:
+        return None
+    raise infra.InputError(f"{path} was made with another config ({', '.join(diff)} differ); "
+                           "use another --out, or --rerun-stale to run it again")
+
+
 def run_one(method, seed, args, overrides, out: Path) -> dict:
     """Train (unless done) and evaluate one method at one seed; result.json makes it resumable."""
     folder = out / f"{method}-seed{seed}"
-    done = folder / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    if folder.exists():
-        shutil.rmtree(folder)  # an unfinished run: start it again
     cfg = method_config(method, args.config, overrides, seed, folder, args.problems)
+    done = reuse(folder / "result.json", cfg, args.rerun_stale)
+    if done:
+        return done
+    if folder.exists():
+        shutil.rmtree(folder)  # an unfinished or stale run: start it again
     tick = time.perf_counter()
     (ghpo.train if method == "ghpo" else ampo.train)(cfg)
     train_s = time.perf_counter() - tick
@@ -133,37 +220,55 @@ def run_one(method, seed, args, overrides, out: Path) -> dict:
     tick = time.perf_counter()
     result = {"method": method, "seed": seed, "train_s": round(train_s, 1),
               "eval": evaluate(cfg, str(ckpt)), "eval_s": round(time.perf_counter() - tick, 1),
-              "train": summarise_run(plot.read_metrics(str(folder)))}
-    infra.write_json_atomically(done, result)
+              "train": summarise_run(plot.read_metrics(str(folder))),
+              "config": dataclasses.asdict(cfg)}
+    infra.write_json_atomically(folder / "result.json", result)
     gc.collect()
     return result
 
 
 def base_eval(seed, args, overrides, out: Path) -> dict:
     path = out / f"base-seed{seed}.json"
-    if path.exists():
-        return json.loads(path.read_text())
     cfg = method_config("grpo", args.config, overrides, seed, out / "base", args.problems)
+    done = reuse(path, cfg, args.rerun_stale)
+    if done:
+        return done
     tick = time.perf_counter()
     result = {"seed": seed, "eval": evaluate(cfg, cfg.model.name_or_path),
-              "eval_s": round(time.perf_counter() - tick, 1)}
+              "eval_s": round(time.perf_counter() - tick, 1), "config": dataclasses.asdict(cfg)}
     infra.write_json_atomically(path, result)
     return result
 
 
+def held_out(ev: dict) -> dict:
+    """Every held-out figure of one evaluation, flat: over the problems, per type group and
+    per type ("hard types avg@8", "type add3 pass@8")."""
+    out = {k: ev[k] for k in KEYS}
+    for name, g in type_groups(ev["by_type"]).items():
+        out.update({f"{name} {k}": g[k] for k in KEYS})
+    for t, b in sorted(ev["by_type"].items()):
+        out.update({f"type {t} {k}": b[k] for k in KEYS})
+    return out
+
+
 def summarise(base: list[dict], runs: list[dict]) -> dict:
-    """Mean and spread over seeds of every held-out score, its gain over the base model (paired
-    by seed), and the training figures."""
-    keys = ["avg@8"] + [f"pass@{k}" for k in PASS_K]
-    before = {r["seed"]: r["eval"] for r in base}
-    out = {"base": {k: spread([b["eval"][k] for b in base]) for k in keys}}
+    """Mean and spread over seeds of every held-out score, its gain over the base model and
+    over GRPO (both paired by seed), and the training figures."""
+    before = {b["seed"]: held_out(b["eval"]) for b in base}
+    out = {"base": {k: spread([v[k] for v in before.values()]) for k in before[base[0]["seed"]]}}
+    grpo = {r["seed"]: held_out(r["eval"]) for r in runs if r["method"] == "grpo"}
     for method in METHODS:
         rs = [r for r in runs if r["method"] == method]
         if not rs:
             continue
-        s = {k: spread([r["eval"][k] for r in rs]) for k in keys}
-        s.update({f"gain {k}": spread([r["eval"][k] - before[r["seed"]][k] for r in rs])
-                  for k in keys})
+        after = {r["seed"]: held_out(r["eval"]) for r in rs}
+        names = list(after[rs[0]["seed"]])
+        s = {k: spread([a[k] for a in after.values()]) for k in names}
+        s.update({f"gain {k}": spread([a[k] - before[seed][k] for seed, a in after.items()])
+                  for k in names})
+        if method != "grpo" and set(after) <= set(grpo):
+            s.update({f"vs grpo {k}": spread([a[k] - grpo[seed][k] for seed, a in after.items()])
+                      for k in KEYS})
         for k, v in rs[0]["train"].items():
             if isinstance(v, float):
                 s[f"train {k}"] = spread([r["train"][k] for r in rs])
@@ -174,30 +279,38 @@ def summarise(base: list[dict], runs: list[dict]) -> dict:
     return out
 
 
+def pct(s: dict, sign: str = "") -> str:
+    """'39.3 ± 5.0' from a spread of a share."""
+    return f"{100 * s['mean']:{sign}.1f} ± {100 * s['std']:.1f}"
+
+
 def table(summary: dict) -> str:
-    """results.md: method x held-out score, mean ± std over seeds, and the training figures."""
-    keys = ["avg@8"] + [f"pass@{k}" for k in PASS_K]
-    pct = lambda s: f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"  # noqa: E731
-    lines = ["| method | " + " | ".join(keys) + " | gain avg@8 | entropy | guided (1st → 2nd half) "
-             "| rescued per hint stage | train min |",
-             "|" + " --- |" * (len(keys) + 6)]
-    for method in ("base",) + METHODS:
-        s = summary.get(method)
-        if s is None:
-            continue
-        cells = [pct(s[k]) for k in keys]
-        if method == "base":
-            cells += ["", "", "", "", ""]
-        else:
-            guided = (f"{100 * s['train guided_first_half']['mean']:.0f}% → "
-                      f"{100 * s['train guided_last_half']['mean']:.0f}%"
-                      if "train guided_first_half" in s else "")
-            rescued = (" / ".join(f"{100 * x['mean']:.0f}%" for x in s["train rescued_per_stage"])
-                       if "train rescued_per_stage" in s else "")
-            cells += [f"{100 * s['gain avg@8']['mean']:+.1f} ± {100 * s['gain avg@8']['std']:.1f}",
-                      f"{s['train entropy']['mean']:.3f} ± {s['train entropy']['std']:.3f}",
-                      guided, rescued, f"{s['train_s']['mean'] / 60:.1f}"]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    """results.md: held-out scores (mean ± std, range over seeds), gains paired by seed, the
+    mechanism, and avg@8 per type group and per type."""
+    rows = [m for m in ("base",) + METHODS if m in summary]
+    rng = lambda s: f"{pct(s)} ({100 * s['min']:.1f}–{100 * s['max']:.1f})"  # noqa: E731
+    lines = ["| method | " + " | ".join(KEYS) + " |", "|" + " --- |" * (len(KEYS) + 1)]
+    lines += [f"| {m} | " + " | ".join(rng(summary[m][k]) for k in KEYS) + " |" for m in rows]
+    cell = lambda s, k, sign="+": pct(s[k], sign) if k in s else ""  # noqa: E731
+    lines += ["", "| method | gain avg@8 | gain pass@8 | vs grpo avg@8 | vs grpo pass@8 | "
+              "zero-spread groups | grad norm | guided / rescued | train min |",
+              "|" + " --- |" * 9]
+    for m in rows[1:]:
+        s = summary[m]
+        gn = s["train grad_norm"]
+        lines.append(f"| {m} | {cell(s, 'gain avg@8')} | {cell(s, 'gain pass@8')} | "
+                     f"{cell(s, 'vs grpo avg@8')} | {cell(s, 'vs grpo pass@8')} | "
+                     f"{cell(s, 'train frac_reward_zero_std', '')} | "
+                     f"{gn['mean']:.3f} ± {gn['std']:.3f} | "
+                     f"{cell(s, 'train guided_or_rescued', '')} | "
+                     f"{s['train_s']['mean'] / 60:.1f} |")
+    groups = [g for g in TYPE_GROUPS if f"{g} avg@8" in summary["base"]]
+    types = sorted(k.split()[1] for k in summary["base"] if k.startswith("type ")
+                   and k.endswith(" avg@8"))
+    cols = [f"{g} avg@8" for g in groups] + [f"type {t} avg@8" for t in types]
+    lines += ["", "| method | " + " | ".join(c.removeprefix("type ").removesuffix(" avg@8")
+                                            for c in cols) + " |", "|" + " --- |" * (len(cols) + 1)]
+    lines += [f"| {m} | " + " | ".join(pct(summary[m][c]) for c in cols) + " |" for m in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -215,12 +328,13 @@ def plot_passk(base: list[dict], runs: list[dict], out: str):
         if not rs:
             continue
         vals = [[r["eval"][f"pass@{k}"] for r in rs] for k in PASS_K]
-        line, = ax.plot(PASS_K, [sum(v) / len(v) for v in vals], marker="o", label=label)
+        ax.plot(PASS_K, [sum(v) / len(v) for v in vals], marker="o", label=label,
+                color=plot.COLORS[label])
         ax.fill_between(PASS_K, [min(v) for v in vals], [max(v) for v in vals],
-                        color=line.get_color(), alpha=0.2)
+                        color=plot.COLORS[label], alpha=0.2)
         shift = 0.1 * (list(groups).index(label) - 1.5)  # side by side: equal scores stay visible
         bx.plot([r["seed"] + shift for r in rs], [r["eval"]["avg@8"] for r in rs], marker="o",
-                linestyle="none", label=label, color=line.get_color())
+                linestyle="none", label=label, color=plot.COLORS[label])
     ax.set(xscale="log", xlabel="k", title="held-out pass@k")
     ax.set_xticks(PASS_K, [str(k) for k in PASS_K])
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
@@ -238,14 +352,22 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="config.yaml")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 1..N")
-    ap.add_argument("--out", default="runs/compare")
-    ap.add_argument("--problems", type=int, default=48, help="held-out problems evaluated")
+    ap.add_argument("--regime", default="mixed", choices=sorted(REGIMES))
+    ap.add_argument("--out", default=None, help="default: runs/compare (mixed), runs/compare-hard")
+    ap.add_argument("--problems", type=int, default=None,
+                    help="held-out problems evaluated (default: the regime's)")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--rerun-stale", action="store_true",
+                    help="train again a finished run whose config differs (default: stop)")
     args, overrides = ap.parse_known_args(argv)
     methods = args.methods.split(",")
     if set(methods) - set(METHODS):
         raise SystemExit(f"error: --methods: each one of {','.join(METHODS)}, got {args.methods}")
-    out = Path(args.out)
+    regime = REGIMES[args.regime]
+    overrides = regime["overrides"] + overrides  # the command line's come last and win
+    args.problems = args.problems or regime["problems"]
+    out = Path(args.out or ("runs/compare" if args.regime == "mixed"
+                            else f"runs/compare-{args.regime}"))
     out.mkdir(parents=True, exist_ok=True)
     tick = time.perf_counter()
     base, runs = [], []
@@ -254,24 +376,28 @@ def main(argv=None):
             base.append(base_eval(seed, args, overrides, out))
             for method in methods:
                 runs.append(run_one(method, seed, args, overrides, out))
-                print(f"{method} seed {seed}: {runs[-1]['eval']}", flush=True)
+                print(f"{method} seed {seed}: " + ", ".join(
+                    f"{k} {runs[-1]['eval'][k]:.3f}" for k in KEYS), flush=True)
     except infra.InputError as e:
         sys.exit(f"error: {e}")
     summary = summarise(base, runs)
     record = {"command": " ".join(["python compare.py"] + (argv or sys.argv[1:])),
+              "regime": args.regime, "overrides": overrides,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
               "wall_s_this_call": round(time.perf_counter() - tick, 1),
               "budget": dataclasses.asdict(method_config("grpo", args.config, overrides, 1, out,
                                                          args.problems).train),
-              "summary": summary, "base": base, "runs": runs}
+              "type_groups": TYPE_GROUPS, "summary": summary, "base": base,
+              "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs]}
     infra.write_json_atomically(out / "results.json", record)
     (out / "results.md").write_text(table(summary))
     groups = {m: [plot.read_metrics(str(out / f"{m}-seed{r['seed']}")) for r in runs
                   if r["method"] == m] for m in methods}
     plot.plot_groups(groups, str(out / "curves.png"))
+    plot.plot_groups(groups, str(out / "mechanism.png"), plot.MECHANISM)
     plot_passk(base, runs, str(out / "passk.png"))
     print(table(summary))
-    print(f"wrote {out}/results.json, results.md, curves.png, passk.png")
+    print(f"wrote {out}/results.json, results.md, curves.png, mechanism.png, passk.png")
     return record
 
 

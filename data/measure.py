@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 python data/measure.py [--rows 8] [--samples 8] [--hints] \
         [--config config.yaml] [--section.key=value ...]
 
-For the first --rows training rows of every problem type, samples --samples answers at the
+For the first --rows training rows of every problem type (a row's data_source), samples --samples answers at the
 run's temperature and length with the run's prompt (any config key can be overridden, e.g.
 --data.prompt_template=...), and prints per type: the share of answers with a final answer in
 the required format (a \\boxed{} or <answer> block), the share the strict verifier scores
@@ -55,11 +55,10 @@ def main(argv=None):
     model, tok = infra.load_model(cfg.model)
     infra.attach_engine(model, cfg, infra.model_path(cfg.model.name_or_path))
     rows, _ = infra.load_dataset(cfg.data.train_file, 0, 0, require_solution=args.hints)
-    # The loader keeps the trainer's fields only; the type column is read from the file.
-    kinds = [rec.get("type", "all") for rec in infra.read_records(cfg.data.train_file)]
-    for r, kind in zip(rows, kinds):
-        r["type"] = kind
-    types = list(dict.fromkeys(kinds))
+    # A row's problem type is its data_source (the bundled rows name their template there).
+    for r in rows:
+        r["type"] = r["data_source"] or "all"
+    types = list(dict.fromkeys(r["type"] for r in rows))
     picked = [r for ty in types for r in [x for x in rows if x["type"] == ty][:args.rows]]
     G, t = args.samples, cfg.train
     print(f"{args.rows} rows a type x {G} samples, T={t.temperature}, up to "

@@ -1,5 +1,6 @@
 """compare.py end to end at a tiny budget: three methods, one seed, one step each, evaluated
-before and after; the JSON, the table and the PNGs written; a rerun trains nothing again."""
+before and after; the JSON, the table and the PNGs written; a rerun trains nothing again, a
+rerun with other settings refuses to reuse; the hard regime by its switch; per-type figures."""
 
 import json
 
@@ -39,9 +40,9 @@ def test_compare_writes_results_and_plots_and_resumes(tiny_compare, monkeypatch)
     config, out = tiny_compare
     args = ["--config", config, "--seeds", "1", "--out", str(out), "--problems", "3"]
     record = compare.main(args)
-    for name in ("results.json", "results.md", "curves.png", "passk.png"):
+    for name in ("results.json", "results.md", "curves.png", "mechanism.png", "passk.png"):
         assert (out / name).stat().st_size > 0, name
-    for png in ("curves.png", "passk.png"):
+    for png in ("curves.png", "mechanism.png", "passk.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "results.json").read_text())
     assert saved["summary"] == record["summary"]
@@ -84,3 +85,74 @@ def test_ghpo_gets_ampos_train_block_and_grpo_no_teachers(tiny_compare):
     assert cfgs["grpo"].ampo.trigger == "never" and cfgs["ampo"].ampo.trigger == "adaptive"
     assert cfgs["ghpo"].ghpo.hint_ratios == [0.5]
     assert (cfgs["grpo"].eval.num_samples, cfgs["grpo"].eval.pass_k) == (8, [1, 2, 4, 8])
+
+
+def test_a_rerun_with_other_settings_refuses_stale_results_or_retrains(tiny_compare):
+    config, out = tiny_compare
+    args = ["--config", config, "--seeds", "1", "--out", str(out), "--problems", "3",
+            "--methods", "grpo"]
+    first = compare.main(args)
+    with pytest.raises(SystemExit, match=r"base-seed1.json was made with another config "
+                                         r"\(train.learning_rate, train.max_steps differ\)"):
+        compare.main(args + ["--train.max_steps=2", "--train.learning_rate=1e-2"])
+    again = compare.main(args + ["--train.max_steps=2", "--rerun-stale"])
+    assert len(again["runs"][0]["train"]) and again["budget"]["max_steps"] == 2
+    assert len((out / "grpo-seed1" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert first["budget"]["max_steps"] == 1
+
+
+def test_per_type_figures_and_type_groups_from_hand_made_evaluations():
+    ev = lambda add1, chain, sub: {  # noqa: E731  three types, 2 / 1 / 1 problems
+        "problems": 4, **{k: (2 * add1 + chain + sub) / 4 for k in compare.KEYS},
+        "by_type": {"add1": {"problems": 2, **{k: add1 for k in compare.KEYS}},
+                    "chain": {"problems": 1, **{k: chain for k in compare.KEYS}},
+                    "sub": {"problems": 1, **{k: sub for k in compare.KEYS}}}}
+    flat = compare.held_out(ev(0.5, 0.0, 0.25))
+    # add1 is an easy type; chain and sub are hard: pooled over their 2 problems
+    assert flat["easy types avg@8"] == 0.5 and flat["hard types avg@8"] == 0.125
+    assert flat["type chain pass@8"] == 0.0 and flat["avg@8"] == 0.3125
+    base = [{"seed": s, "eval": ev(0.5, 0.0, 0.0)} for s in (1, 2)]
+    runs = [{"method": m, "seed": s, "train_s": 60.0, "eval": ev(0.5, c, 0.0),
+             "train": {"grad_norm": 0.0, "frac_reward_zero_std": 1.0}}
+            for m, c in [("grpo", 0.0), ("ampo", 0.5)] for s in (1, 2)]
+    runs[3]["eval"] = ev(0.5, 1.0, 0.0)  # ampo seed 2 solves every chain problem
+    summary = compare.summarise(base, runs)
+    assert summary["ampo"]["gain hard types avg@8"]["mean"] == 0.375  # (0.25 + 0.5) / 2
+    assert summary["ampo"]["vs grpo avg@8"]["min"] == 0.125
+    assert summary["ampo"]["gain easy types avg@8"]["mean"] == 0.0
+    assert summary["grpo"]["gain type chain avg@8"]["max"] == 0.0
+    table = compare.table(summary)
+    assert "| easy types | hard types | add1 | chain | sub |" in table
+    assert "| ampo | 50.0 ± 0.0 | 37.5 ± 17.7 | 50.0 ± 0.0 | 75.0 ± 35.4 | 0.0 ± 0.0 |" in table
+
+
+def test_both_regimes_give_every_method_the_same_budget_and_seeds(tiny_compare):
+    config, out = tiny_compare
+    for regime in compare.REGIMES.values():
+        overrides = regime["overrides"]
+        cfgs = {m: compare.method_config(m, config, overrides, 3, out / m, regime["problems"])
+                for m in compare.METHODS}
+        assert cfgs["grpo"].train == cfgs["ampo"].train == cfgs["ghpo"].train
+        assert {c.train.seed for c in cfgs.values()} == {3}
+        assert len({(c.data.train_file, tuple(c.eval.files), c.eval.max_problems,
+                     c.eval.num_samples, c.eval.temperature) for c in cfgs.values()}) == 1
+    hard = compare.method_config("ampo", config, compare.REGIMES["hard"]["overrides"], 1, out, 8)
+    assert hard.data.train_file == "data/train_hard.jsonl"
+    assert hard.eval.files == ["data/test_hard.jsonl"]
+
+
+def test_the_hard_regime_end_to_end_trains_and_evaluates_on_the_hard_types(tiny_compare):
+    config, out = tiny_compare
+    record = compare.main(["--config", config, "--seeds", "1", "--out", str(out), "--problems",
+                           "6", "--regime", "hard"])
+    assert record["regime"] == "hard" and record["overrides"][:2] == [
+        "--data.train_file=data/train_hard.jsonl", "--eval.files=[data/test_hard.jsonl]"]
+    for r in record["runs"]:
+        types = set(r["eval"]["by_type"])
+        assert types and types <= set(compare.TYPE_GROUPS["hard types"]), types
+        assert sum(b["problems"] for b in r["eval"]["by_type"].values()) == 6
+    assert "hard types avg@8" in record["summary"]["ampo"]
+    assert "easy types avg@8" not in record["summary"]["ampo"]
+    # the tiny random model solves nothing: AMPO guides every group, GRPO's have no spread
+    assert record["summary"]["ampo"]["train guided_or_rescued"]["mean"] == 1.0
+    assert record["summary"]["grpo"]["train frac_reward_zero_std"]["mean"] == 1.0

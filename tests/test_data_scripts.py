@@ -23,14 +23,20 @@ def load_script(name):
 
 def test_make_data_regenerates_the_bundled_files_byte_for_byte(tmp_path):
     load_script("make_data").main(str(tmp_path))
-    for name in ("train.jsonl", "test.jsonl"):
+    for name in ("train.jsonl", "test.jsonl", "train_hard.jsonl", "test_hard.jsonl"):
         assert (tmp_path / name).read_bytes() == open(os.path.join(DATA, name), "rb").read()
-    kinds = [json.loads(line)["type"] for line in (tmp_path / "train.jsonl").open()]
+    kinds = [json.loads(line)["data_source"] for line in (tmp_path / "train.jsonl").open()]
     assert {"add1", "sub1", "word_small", "add", "word_age"} <= set(kinds)
+    # the hard files are exactly the rows of the hard types, in the same order
+    hard = load_script("make_data").HARD_TYPES
+    for name in ("train", "test"):
+        rows = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").open()]
+        kept = [json.loads(line) for line in (tmp_path / f"{name}_hard.jsonl").open()]
+        assert kept == [r for r in rows if r["data_source"] in hard] and kept
 
 
 def test_measure_prints_each_type_and_each_hint_stage(tiny_model_dir, tmp_path, capsys):
-    rows = [{"problem": f"What is {a} + {b}?", "answer": str(a + b), "type": kind,
+    rows = [{"problem": f"What is {a} + {b}?", "answer": str(a + b), "data_source": kind,
              "solution": f"First, {a} + {b} = {a + b}.\nSo the answer is \\boxed{{{a + b}}}."}
             for a, b, kind in [(2, 3, "easy"), (4, 4, "easy"), (21, 30, "hard")]]
     data = tmp_path / "rows.jsonl"
