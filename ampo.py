@@ -431,16 +431,18 @@ def select_teachers(scores, lengths, k: int) -> list[int]:
     return order[:k]
 
 
-def comprehension_inputs(tokenizer, prompt: str, response: str, gold: str, rule: str = "span"):
+def comprehension_inputs(tokenizer, prompt: str, response: str, gold: str, rule: str = "span",
+                         answer_rule: str = "ours"):
     """Token ids of prompt + response with its final answer replaced by `gold`, and a mask.
 
     Returns (ids, gold_mask) or None when the response has no final answer to replace (rule
-    "span": verify.gold_in_final_answer; "official": verify.gold_in_answer_tag). The text is
+    "span": verify.gold_in_final_answer, the final answer that train.answer_rule, answer_rule,
+    grades; "official": verify.gold_in_answer_tag). The text is
     re-tokenized as one string (as the official code does), and the gold tokens are those whose
     characters overlap the gold's span, found with offsets (official mix_dapo_trainer.py L2225).
     """
     built = (verify.gold_in_answer_tag(response, gold, tokenizer.eos_token) if rule == "official"
-             else verify.gold_in_final_answer(response, gold))
+             else verify.gold_in_final_answer(response, gold, answer_rule))
     if built is None:
         return None
     text, start = prompt + built[0], len(prompt) + built[1]
@@ -455,7 +457,7 @@ def comprehension_inputs(tokenizer, prompt: str, response: str, gold: str, rule:
 def comprehension_scores(model, tokenizer, prompts: list[str], responses: list[str],
                          golds: list[str], mode: str = "arith", batch_size: int = 16,
                          num_batches: int | None = None, rule: str = "span",
-                         temperature: float = 1.0) -> list[float]:
+                         temperature: float = 1.0, answer_rule: str = "ours") -> list[float]:
     """The student's probability of the gold answer after each teacher's reasoning.
 
     One batched, gradient-free pass over all candidates of all guided prompts (the official code
@@ -464,7 +466,7 @@ def comprehension_scores(model, tokenizer, prompts: list[str], responses: list[s
     the extra ones run on a one-token dummy. Under FSDP2 on several ranks every forward is a
     collective, so every rank must run the busiest rank's count (infra.lockstep_fn gives it).
     """
-    items = [comprehension_inputs(tokenizer, p, r, g, rule)
+    items = [comprehension_inputs(tokenizer, p, r, g, rule, answer_rule)
              for p, r, g in zip(prompts, responses, golds)]
     scores = [0.0] * len(items)
     todo = [i for i, it in enumerate(items) if it is not None]
@@ -544,7 +546,8 @@ def apply_guidance(rollout: dict, rows: list[dict], prompt_texts: list[str], mod
             model, tokenizer, [prompt_texts[i] for i, _ in scored],
             [rows[i]["teachers"][j][1] for i, j in scored], [rows[i]["answer"] for i, _ in scored],
             a.comprehension_score, a.comprehension_batch_size, lockstep(own) if lockstep else own,
-            a.comprehension_input, cfg.train.temperature if official else 1.0)
+            a.comprehension_input, cfg.train.temperature if official else 1.0,
+            cfg.train.answer_rule)
         scores = dict(zip(scored, values))
     picked, picked_scores = Counter(), []
     for i in groups:

@@ -110,27 +110,30 @@ def check_config(cfg: Config, world: int = 1):
 # short solutions a 75% prefix of the official text reaches the \boxed{} itself.
 
 
-def strip_final_answer(solution: str) -> str:
-    """The worked solution up to its final \\boxed{} (or <answer> block), which is dropped.
+def strip_final_answer(solution: str, rule: str = "ours") -> str:
+    """The worked solution up to its final answer, which is dropped: the \\boxed{} (or
+    <answer> block) that `rule` (train.answer_rule) reads as the final answer.
 
     >>> strip_final_answer("3 + 4 = 7.\\nSo the answer is \\\\boxed{7}.")
     '3 + 4 = 7.\\nSo the answer is'
     >>> strip_final_answer("no final answer here")
     'no final answer here'
     """
-    span = verify.answer_span(solution)
+    span = verify.answer_span(solution, rule)
     if span is None:
         return solution
+    # cut at the \boxed{ (or the <answer> tag) that opens the answer, else at the answer itself
     starts = [m.start() for m in verify.BOX.finditer(solution) if m.end() == span[0]]
-    start = starts[0] if starts else solution.rfind("<answer>", 0, span[0])
+    tag = solution.rfind("<answer>", 0, span[0])
+    start = starts[0] if starts else tag if tag >= 0 else span[0]
     return solution[:start].rstrip()
 
 
 def hint_prefix(solution: str, ratio: float, include_answer: bool = False,
-                tokenizer=None) -> str:
+                tokenizer=None, rule: str = "ours") -> str:
     """The first `ratio` of the worked solution: round(len * ratio) characters, or tokens when
     a tokenizer is given. Python's round() halves to even, as in the official code."""
-    source = solution if include_answer else strip_final_answer(solution)
+    source = solution if include_answer else strip_final_answer(solution, rule)
     if tokenizer is None:
         return source[:round(len(source) * ratio)]
     offsets = tokenizer(source, add_special_tokens=False,
@@ -140,7 +143,7 @@ def hint_prefix(solution: str, ratio: float, include_answer: bool = False,
 
 
 def build_hinted_prompt(problem: str, solution: str, ratio: float, template: str = HINT_TEMPLATE,
-                        include_answer: bool = False, tokenizer=None) -> str:
+                        include_answer: bool = False, tokenizer=None, rule: str = "ours") -> str:
     """The hinted user turn: problem + the official sentence + a prefix of the solution.
 
     A worked example at the three default ratios. The text before the box is 56 characters,
@@ -153,7 +156,7 @@ def build_hinted_prompt(problem: str, solution: str, ratio: float, template: str
     >>> [hint_prefix(sol, r) for r in (0.25, 0.5, 0.75)]
     ['First, 12 + 30', 'First, 12 + 30 = 42.\\nNext, 4', 'First, 12 + 30 = 42.\\nNext, 42 - 2 = 40.\\nSo']
     """
-    return problem + template + hint_prefix(solution, ratio, include_answer, tokenizer)
+    return problem + template + hint_prefix(solution, ratio, include_answer, tokenizer, rule)
 
 
 def hinted_prompt_text(tokenizer, row: dict, cfg: Config, ratio: float) -> tuple[str, str]:
@@ -172,7 +175,8 @@ def hinted_prompt_text(tokenizer, row: dict, cfg: Config, ratio: float) -> tuple
     floor = len(messages[user]["content"]) + len(g.hint_template)  # where the prefix starts
     content = build_hinted_prompt(messages[user]["content"], row["solution"], ratio,
                                   g.hint_template, g.hint_includes_answer,
-                                  tokenizer if g.hint_unit == "token" else None)
+                                  tokenizer if g.hint_unit == "token" else None,
+                                  cfg.train.answer_rule)
     while True:
         messages[user]["content"] = content
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,

@@ -265,8 +265,9 @@ def read_records(path: str) -> list[dict]:
     return rows
 
 
-def normalise_row(rec: dict, where: str) -> dict:
+def normalise_row(rec: dict, where: str, rule: str = "ours") -> dict:
     """One row of any supported schema -> {problem, messages, answer, solution, teachers}.
+    A gold given as a worked solution with a \\boxed{} is read by `rule` (train.answer_rule).
 
     Anything malformed is an error naming the row rather than a row quietly dropped or
     changed: a wrong file usually has the same fault in every row, and should be fixed once.
@@ -314,7 +315,7 @@ def normalise_row(rec: dict, where: str) -> dict:
     gold = gold_text(gold, where)
     raw = gold  # as the file gives it: the official GHPO reward parses this text
     if verify.BOX.search(gold):  # a MATH-style worked solution given as gold: its \boxed{}
-        gold = verify.extract_answer(gold) or gold
+        gold = verify.extract_answer(gold, rule) or gold
     for source, text in teachers:
         if not isinstance(text, str):
             raise InputError(f"{where}: teacher {source!r} has no response text")
@@ -359,8 +360,10 @@ def gold_text(gold, where: str) -> str:
 
 
 def load_dataset(path: str, max_teachers: int = 4, workers: int = 2,
-                 require_solution: bool = False, timeout: float = 5.0) -> tuple[list[dict], dict]:
-    """Read and check a data file. Teachers whose answer does not verify are dropped.
+                 require_solution: bool = False, timeout: float = 5.0,
+                 rule: str = "ours") -> tuple[list[dict], dict]:
+    """Read and check a data file. Teachers whose answer does not verify are dropped, graded by
+    `rule` (train.answer_rule: a teacher enters the pool by the rule that grades the student).
 
     Returns (rows, stats); stats counts rows and teachers kept and dropped, which the run
     prints, because a pool with silently wrong teachers would teach wrong answers.
@@ -369,7 +372,8 @@ def load_dataset(path: str, max_teachers: int = 4, workers: int = 2,
     """
     if not os.path.exists(path):
         raise InputError(f"data file not found: {path}")
-    rows = [normalise_row(rec, f"{path} row {i}") for i, rec in enumerate(read_records(path))]
+    rows = [normalise_row(rec, f"{path} row {i}", rule)
+            for i, rec in enumerate(read_records(path))]
     if not rows:
         raise InputError(f"{path}: no rows")
     missing = [i for i, r in enumerate(rows)
@@ -384,7 +388,7 @@ def load_dataset(path: str, max_teachers: int = 4, workers: int = 2,
         row["teachers"] = row["teachers"][:max_teachers]
     flat = [(i, t) for i, row in enumerate(rows) for t in row["teachers"]]
     ok = verify.verify_batch([t[1] for _, t in flat], [rows[i]["answer"] for i, _ in flat],
-                             workers=workers, timeout=timeout)
+                             workers=workers, timeout=timeout, rule=rule)
     keep = {}
     for (i, t), good in zip(flat, ok):
         if good:
@@ -1017,7 +1021,7 @@ def load_prompts(cfg, tokenizer, require_solution: bool, verbose: bool, keep_row
     others are dropped, and counted (ghpo.py skips the rows whose gold answer does not parse)."""
     rows, stats = load_dataset(cfg.data.train_file, cfg.ampo.max_available_targets,
                                cfg.train.verifier_workers, require_solution,
-                               timeout=cfg.train.verifier_timeout)
+                               timeout=cfg.train.verifier_timeout, rule=cfg.train.answer_rule)
     texts = [build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt,
                          cfg.data.example)
              for r in rows]
@@ -1042,7 +1046,8 @@ def load_eval_prompts(cfg, tokenizer, path: str):
     rows whose prompt fits data.max_prompt_length, and how many did not fit (dropped and
     counted, as in training: one 100k-character problem would ask for gigabytes)."""
     t = cfg.train
-    rows, _ = load_dataset(path, 0, t.verifier_workers, timeout=t.verifier_timeout)
+    rows, _ = load_dataset(path, 0, t.verifier_workers, timeout=t.verifier_timeout,
+                           rule=t.answer_rule)
     rows = rows[:cfg.eval.max_problems or None]
     prompts = [build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt,
                          cfg.data.example)

@@ -171,9 +171,9 @@ def extract_answer(text: str, rule: str = "ours") -> str | None:
     return answer or None
 
 
-def gold_in_final_answer(response: str, gold: str) -> tuple[str, int] | None:
-    """The response with its final answer (answer_span) replaced by `gold`, and where the gold
-    starts, or None without a final answer. The text after the answer is kept so the string
+def gold_in_final_answer(response: str, gold: str, rule: str = "ours") -> tuple[str, int] | None:
+    """The response with its final answer (answer_span under `rule`, train.answer_rule)
+    replaced by `gold`, and where the gold starts, or None without a final answer. The text after the answer is kept so the string
     stays well formed (the closing brace); a causal model scores the gold from what precedes it.
 
     >>> gold_in_final_answer("so \\\\boxed{12}.", "13")
@@ -181,7 +181,7 @@ def gold_in_final_answer(response: str, gold: str) -> tuple[str, int] | None:
     >>> gold_in_final_answer("<answer> 1 </answer>", "2")  # the block's spaces go too
     ('<answer>2</answer>', 8)
     """
-    span = answer_span(response)
+    span = answer_span(response, rule)
     if span is None:
         return None
     return response[:span[0]] + gold + response[span[1]:], span[0]

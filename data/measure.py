@@ -39,7 +39,7 @@ def sample(model, tok, prompts, rows, cfg, G):
     golds = [r["answer"] for r in rows for _ in range(G)]
     correct = verify.verify_batch(texts, golds, workers=t.verifier_workers,
                                   timeout=t.verifier_timeout, rule=t.answer_rule)
-    formatted = [verify.extract_answer(x) is not None for x in texts]
+    formatted = [verify.extract_answer(x, t.answer_rule) is not None for x in texts]
     return correct, formatted
 
 
@@ -54,7 +54,8 @@ def main(argv=None):
     torch.manual_seed(cfg.train.seed)
     model, tok = infra.load_model(cfg.model)
     infra.attach_engine(model, cfg, infra.model_path(cfg.model.name_or_path))
-    rows, _ = infra.load_dataset(cfg.data.train_file, 0, 0, require_solution=args.hints)
+    rows, _ = infra.load_dataset(cfg.data.train_file, 0, 0, require_solution=args.hints,
+                                 rule=cfg.train.answer_rule)
     # A row's problem type is its data_source (the bundled rows name their template there).
     for r in rows:
         r["type"] = r["data_source"] or "all"
