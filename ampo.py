@@ -100,7 +100,7 @@ class TrainConfig:
     epsilon_high: float = 0.2  # PPO clip, upper side (DAPO's clip-higher uses 0.28)
     clip_ratio_c: float = 10.0  # dual clip for negative advantages
     beta: float = 0.0  # KL coefficient; AMPO uses none, and then no reference model is built
-    entropy_coeff: float = 1e-4  # official nominal 0.001 acts on a ~10x larger loss (README)
+    entropy_coeff: float = 1e-4  # official 0.001 acts on a ~10x larger loss (docs/official.md)
     loss_type: str = "dr_grpo"  # dr_grpo | dapo | grpo | group_mean, see aggregate_loss()
     scale_rewards: bool = False  # divide advantages by the group std (the paper's Eq. 6)
     format_weight: float = 0.0  # reward = (1-w) correct + w format (official: 0.1)
@@ -131,7 +131,7 @@ class AMPOConfig:
     selection: str = "comprehension"  # comprehension | random | dataset (selection ablations)
     comprehension_score: str = "arith"  # arith: mean p (code) | geo: exp(mean log p) (paper)
     comprehension_batch_size: int = 16  # sequences per forward of the scoring pass
-    comprehension_input: str = "span"  # span (ours) | official (<answer> tags, T, format; README)
+    comprehension_input: str = "span"  # span (ours) | official (docs/official.md)
     shaping_gamma: float = 0.1  # f(p) = p / (p + gamma) on teacher tokens
     teacher_reward: float = 1.0  # reward given to an injected teacher response
 
@@ -176,6 +176,11 @@ TRIGGERS = ("adaptive", "hybrid", "always", "never")
 SELECTIONS = ("comprehension", "random", "dataset")
 COMPREHENSION_SCORES = ("arith", "geo")
 COMPREHENSION_INPUTS = ("span", "official")
+ENUMS = {"model.dtype": tuple(infra.DTYPES), "train.loss_type": LOSS_TYPES,
+         "train.parallelism": ("ddp", "fsdp"), "train.answer_rule": verify.RULES,
+         "train.sampler": ("generate", "loop"), "ampo.trigger": TRIGGERS,
+         "ampo.selection": SELECTIONS, "ampo.comprehension_score": COMPREHENSION_SCORES,
+         "ampo.comprehension_input": COMPREHENSION_INPUTS}
 RANGES = {
     "at least 1": "train.max_steps train.prompts_per_step train.max_completion_length "
                   "train.num_minibatches train.micro_batch_size train.max_skipped_steps "
@@ -205,36 +210,7 @@ def check_config(cfg: Config, world: int = 1):
     ...
     infra.InputError: config key train.loss_type: one of dr_grpo|dapo|grpo|group_mean, got 'bnpo'
     """
-    t, a, e = cfg.train, cfg.ampo, cfg.eval
-    infra.one_of(cfg.model.dtype, tuple(infra.DTYPES), "model.dtype")
-    infra.one_of(t.loss_type, LOSS_TYPES, "train.loss_type")
-    infra.one_of(t.parallelism, ("ddp", "fsdp"), "train.parallelism")
-    infra.one_of(t.answer_rule, verify.RULES, "train.answer_rule")
-    infra.one_of(t.sampler, ("generate", "loop"), "train.sampler")
-    infra.one_of(a.trigger, TRIGGERS, "ampo.trigger")
-    infra.one_of(a.selection, SELECTIONS, "ampo.selection")
-    infra.one_of(a.comprehension_score, COMPREHENSION_SCORES, "ampo.comprehension_score")
-    infra.one_of(a.comprehension_input, COMPREHENSION_INPUTS, "ampo.comprehension_input")
-    infra.check_ranges(cfg, RANGES)
-    infra.check_template(cfg.data.prompt_template, "data.prompt_template", cfg.data.example)
-    if t.prompts_per_step % world:
-        raise infra.InputError(f"config key train.prompts_per_step: {t.prompts_per_step} prompts "
-                               f"do not split evenly over {world} ranks")
-    if t.parallelism == "fsdp" and world > 1 and not t.use_vllm:
-        # FSDP2 gathers each layer's weights in a collective on every forward, so all ranks
-        # must run the same forwards; HF generate stops at each rank's own longest answer.
-        raise infra.InputError("config key train.use_vllm: FSDP on several ranks samples with "
-                               "vLLM (HF generate is not in lockstep over ranks)")
-    if t.sampler == "loop" and t.parallelism == "fsdp" and not t.use_vllm:
-        raise infra.InputError("config key train.sampler: 'loop' samples from a whole copy of "
-                               "the model, which FSDP shards; use generate or vLLM")
-    if not all(isinstance(k, int) and 0 < k <= e.num_samples for k in e.pass_k):
-        raise infra.InputError(f"config key eval.pass_k: every k in 1..eval.num_samples "
-                               f"({e.num_samples}), got {e.pass_k}")
-    infra.one_of(e.best_metric, ["avg", "none"] + [f"pass@{k}" for k in e.pass_k],
-                 "eval.best_metric")
-    if e.every and not e.files:
-        raise infra.InputError("config key eval.every: set, but eval.files names no test file")
+    infra.check_config(cfg, world, ENUMS, RANGES)
 
 
 # =============================================================================================
@@ -289,15 +265,48 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, max_new
 # The checks run in a process pool: math-verify can hang on adversarial text, and a timeout is
 # a wrong answer, never a crash (verify.verify_batch).
 #
-# A step's sampled and scored groups travel as one dict, the rollout, made by sample_groups:
-# lists with one entry per sequence (G per prompt, in prompt order) and one per prompt:
+# A step's sampled and scored groups travel as one dict, the rollout (make_rollout): lists
+# with one entry per sequence (G per prompt, in prompt order) and one per prompt:
 #
 #   completions  token ids of the answer, up to and including its stop token
 #   texts        the decoded answer             rewards, correct   its reward, its accuracy
 #   off_policy   True for a teacher's answer    source             "policy" or the teacher
 #   truncated    hit max_completion_length      prompts (per prompt) the text it answers
 #
-# Guidance (sections 5-6) edits it in place; the batch (section 7) turns it into tensors.
+# Guidance edits it in place (AMPO's teachers with put_answer, sections 5-6; GHPO's hinted
+# groups in ghpo.py); the batch (section 7) turns it into tensors. Any guidance method does the
+# same: it is a rollout function for train() (section 11) that edits this record.
+SEQUENCE_KEYS = ("completions", "texts", "rewards", "correct", "off_policy", "truncated", "source")
+
+
+def make_rollout(prompts, completions, texts, rewards, correct, truncated, off_policy=None,
+                 source=None) -> dict:
+    """The rollout record, every list copied; off_policy and source default to the policy's.
+
+    >>> r = make_rollout(["Q"], [[5, 2], [7, 2]], ["5", "7"], [1.0, 0.0], [True, False],
+    ...                  [False, False])
+    >>> r["off_policy"], r["source"]
+    ([False, False], ['policy', 'policy'])
+    """
+    n = len(completions)
+    rollout = {"prompts": list(prompts), "completions": list(completions), "texts": list(texts),
+               "rewards": list(rewards), "correct": list(correct), "truncated": list(truncated),
+               "off_policy": list(off_policy or [False] * n),
+               "source": list(source or ["policy"] * n)}
+    if any(len(rollout[k]) != n for k in SEQUENCE_KEYS) or n % max(len(rollout["prompts"]), 1):
+        raise ValueError(f"rollout: {n} completions, lists of other lengths, or "
+                         f"{len(rollout['prompts'])} prompts that do not divide them")
+    return rollout
+
+
+def put_answer(rollout: dict, s: int, completion: list[int], text: str, reward: float,
+               source: str, truncated: bool = False):
+    """Put an answer the policy did not sample (a teacher's, a worked solution) in slot s.
+    It is off-policy: the loss gives its tokens the shaped term (section 8), not the clip.
+    `correct` keeps the replaced answer's flag: accuracy counts the policy's own answers."""
+    rollout["completions"][s], rollout["texts"][s], rollout["rewards"][s] = (completion, text,
+                                                                             reward)
+    rollout["off_policy"][s], rollout["truncated"][s], rollout["source"][s] = True, truncated, source
 
 
 def score_completions(texts: list[str], golds: list[str], cfg: TrainConfig):
@@ -324,11 +333,7 @@ def sample_groups(model, tokenizer, rows: list[dict], prompt_texts: list[str],
     golds = [row["answer"] for row in rows for _ in range(G)]
     rewards, correct = score_completions(texts, golds, t)
     times["reward"] = time.perf_counter() - tick
-    rollout = {"prompts": list(prompt_texts), "completions": completions,
-               "rewards": list(rewards), "correct": list(correct),
-               "off_policy": [False] * len(completions), "truncated": truncated,
-               "source": ["policy"] * len(completions), "texts": texts}
-    return rollout, times
+    return make_rollout(prompt_texts, completions, texts, rewards, correct, truncated), times
 
 
 # =============================================================================================
@@ -418,7 +423,7 @@ def substitution_slots(correct_in_group, k: int, rng: random.Random) -> list[int
 # A teacher whose reasoning leads the student to the answer scores high. Teachers are ranked by
 # the score, ties to the shorter response, and the top k are used. ampo.comprehension_input:
 # "span" puts the gold in the final answer's span; "official" (the paper configs) rewrites the
-# <answer> block (verify.gold_in_answer_tag), divides logits by T, adds 0.1 * format (README).
+# <answer> block (verify.gold_in_answer_tag), divides logits by T, adds 0.1 * format (docs/).
 
 
 def select_teachers(scores, lengths, k: int) -> list[int]:
@@ -565,13 +570,9 @@ def apply_guidance(rollout: dict, rows: list[dict], prompt_texts: list[str], mod
         slots = substitution_slots(solved[i * G:(i + 1) * G], min(a.num_off_policy_targets, n),
                                    rng)
         for slot, j in zip(slots, order):
-            s = i * G + slot
-            rollout["completions"][s] = cand[i][j][:cfg.train.max_completion_length]
-            rollout["rewards"][s] = a.teacher_reward
-            rollout["off_policy"][s] = True
-            rollout["truncated"][s] = len(cand[i][j]) > cfg.train.max_completion_length
-            rollout["source"][s] = rows[i]["teachers"][j][0]
-            rollout["texts"][s] = rows[i]["teachers"][j][1]
+            put_answer(rollout, i * G + slot, cand[i][j][:cfg.train.max_completion_length],
+                       rows[i]["teachers"][j][1], a.teacher_reward, rows[i]["teachers"][j][0],
+                       len(cand[i][j]) > cfg.train.max_completion_length)
             picked[rows[i]["teachers"][j][0]] += 1
             if (i, j) in scores:
                 picked_scores.append(scores[(i, j)])
@@ -584,24 +585,31 @@ def apply_guidance(rollout: dict, rows: list[dict], prompt_texts: list[str], mod
     }
 
 
-def rollout_step(model, tokenizer, rows: list[dict], prompt_texts: list[str], cfg: Config,
-                 rng: random.Random, step: int, lockstep=None) -> tuple[dict, dict]:
-    """One step's data: sample and score the groups, then (AMPO) guide the failing ones.
-
-    Returns (rollout, metrics). `step` (1-based) is unused here; ghpo.py's rollout function
-    has the same signature and needs it for its cold start. lockstep: see apply_guidance.
-    """
+def sample_step(model, tokenizer, rows: list[dict], prompt_texts: list[str],
+                cfg: Config) -> tuple[dict, dict]:
+    """GRPO's step data: the sampled, scored groups and their metrics (rollout, metrics).
+    AMPO, GHPO and any other guidance method start from it and then edit the failing groups."""
     rollout, times = sample_groups(model, tokenizer, rows, prompt_texts, cfg)
     completions, correct, truncated = rollout["completions"], rollout["correct"], rollout["truncated"]
-    metrics = {"accuracy": sum(correct) / len(correct),
-               "completion_len": sum(map(len, completions)) / len(completions),
-               "truncated_frac": sum(truncated) / len(truncated)}
+    return rollout, {"accuracy": sum(correct) / len(correct),
+                     "completion_len": sum(map(len, completions)) / len(completions),
+                     "truncated_frac": sum(truncated) / len(truncated), "time": times}
+
+
+def rollout_step(model, tokenizer, rows: list[dict], prompt_texts: list[str], cfg: Config,
+                 rng: random.Random, step: int, lockstep=None) -> tuple[dict, dict]:
+    """AMPO's rollout function for train(): GRPO's groups, then the failing ones guided.
+
+    Returns (rollout, metrics). train() calls every rollout function with these keywords; a
+    method takes the ones it needs and **_ for the rest. `step` (1-based) is unused here (GHPO's
+    cold start needs it); rng draws AMPO's random choices; lockstep: see apply_guidance.
+    """
+    rollout, metrics = sample_step(model, tokenizer, rows, prompt_texts, cfg)
     tick = time.perf_counter()
     if cfg.ampo.trigger != "never":  # "never" is GRPO
         metrics.update(apply_guidance(rollout, rows, prompt_texts, model, tokenizer, cfg, rng,
                                       lockstep))
-    times["guidance"] = time.perf_counter() - tick
-    metrics["time"] = times
+    metrics["time"]["guidance"] = time.perf_counter() - tick
     return rollout, metrics
 
 
@@ -1016,12 +1024,15 @@ def evaluate(model, tokenizer, cfg: Config, path: str, rank: int = 0, world: int
 
 
 def train(cfg: Config, rollout_fn=rollout_step, log_line=infra.format_metrics,
-          require_solution: bool = False, resume: bool = False, keep_row=None) -> dict:
+          require_solution: bool = False, resume: bool = False, keep_row=None,
+          teachers: bool = True) -> dict:
     """The whole run. Returns the last step's metrics (global, the same on every rank).
 
-    ghpo.py runs this same loop with its own rollout function (hint stages instead of teachers)
-    and its own log line; require_solution asks the data loader for worked solutions, keep_row
-    (row -> bool) skips rows. With resume, the run continues from the newest checkpoint.
+    The seam for guidance methods: ghpo.py runs this loop with its own rollout function (hint
+    stages instead of teachers) and log line, as any method can (README "Adding a method").
+    require_solution asks the data loader for worked solutions, keep_row (row -> bool) skips
+    rows, teachers loads and verifies the rows' teacher responses (False for a method without
+    them). With resume, the run continues from the newest checkpoint.
     """
     from tqdm import tqdm
 
@@ -1034,7 +1045,7 @@ def train(cfg: Config, rollout_fn=rollout_step, log_line=infra.format_metrics,
     rank, world, rngs = run["rank"], run["world"], run["rngs"]
     policy, tokenizer = infra.load_model(cfg.model, run["ckpt"])
     rows, prompt_texts, usable = infra.load_prompts(cfg, tokenizer, require_solution, rank == 0,
-                                                    keep_row)
+                                                    keep_row, teachers)
     ref_model = infra.load_reference(cfg, policy, run["ckpt"]) if t.beta > 0 else None
     model = infra.wrap_model(policy.train(), t)
     optimizer, scheduler = infra.make_optimizer(model, t)
@@ -1049,8 +1060,9 @@ def train(cfg: Config, rollout_fn=rollout_step, log_line=infra.format_metrics,
                                         world)
         batch_rows = [rows[i] for i in idx]
         # 2. Rollout: G answers per prompt, scored; AMPO guides the groups that all failed.
-        rollout, m = rollout_fn(policy, tokenizer, batch_rows, [prompt_texts[i] for i in idx],
-                                cfg, rngs["guidance"], step, lockstep)
+        rollout, m = rollout_fn(model=policy, tokenizer=tokenizer, rows=batch_rows,
+                                prompt_texts=[prompt_texts[i] for i in idx], cfg=cfg,
+                                rng=rngs["guidance"], step=step, lockstep=lockstep)
         tock = time.perf_counter()
         # 3. Batch: padded tensors, group advantages, pi_old and pi_ref log-probs.
         infra.engine_sleep(policy, cfg)
@@ -1075,27 +1087,13 @@ def train(cfg: Config, rollout_fn=rollout_step, log_line=infra.format_metrics,
         if best or step == t.max_steps or (cfg.log.save_every and step % cfg.log.save_every == 0):
             infra.save_checkpoint(run["out_dir"], step, policy, tokenizer, optimizer, scheduler,
                                   cfg, {"order": order}, rngs, cfg.log.keep_last, best)
-    if rank == 0:
-        print(f"done: metrics in {run['metrics']}, checkpoints in {run['out_dir']}")
+    infra.end_run(run)  # the folder's lock goes: another run may use it now
     return m
-
-
-def evaluate_files(cfg: Config) -> list[dict]:
-    """`--eval`: avg@n and pass@k of cfg.model on every file in eval.files."""
-    check_config(cfg, infra.world_size())
-    if not cfg.eval.files:
-        raise infra.InputError("config key eval.files: no test file to evaluate")
-    rank, world = infra.init_distributed()
-    model, tokenizer = infra.load_model(cfg.model)
-    infra.attach_engine(model, cfg, infra.model_path(cfg.model.name_or_path))
-    torch.manual_seed(cfg.train.seed + rank)
-    return [evaluate(model, tokenizer, cfg, path, rank, world, infra.all_sum)
-            for path in cfg.eval.files]
 
 
 def main(argv=None):
     """`python ampo.py --config config.yaml [--section.key=value ...]` (see the top)."""
-    return infra.cli(argv, __doc__, Config, ("ghpo",), train, evaluate_files)
+    return infra.cli(argv, __doc__, Config, ("ghpo",), train, check_config, evaluate)
 
 
 if __name__ == "__main__":

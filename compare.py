@@ -100,7 +100,7 @@ def evaluate(cfg, model_path: str) -> dict:
     """avg@8 and pass@k of a model on eval.files[0], seeded by train.seed: over the problems
     and per problem type (the rows' data_source)."""
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=model_path))
-    result = ampo.evaluate_files(cfg)[0]
+    result = infra.evaluate_files(cfg, ampo.check_config, ampo.evaluate)[0]
     return {"problems": result["problems"], **{k: result[k] for k in KEYS},
             "by_type": {s: {k: b[k] for k in ["problems"] + KEYS}
                         for s, b in result["by_source"].items()}}
@@ -110,8 +110,8 @@ def type_groups(by_type: dict) -> dict:
     """Each TYPE_GROUPS group's scores, pooled over its problems (a mean over problems, as the
     file's own figure is); groups with no problem in the file are left out.
 
-    >>> r = type_groups({"add1": {"problems": 3, "avg@8": 0.5},
-    ...                  "chain": {"problems": 1, "avg@8": 0.0}, "sub": {"problems": 3, "avg@8": 0.2}})
+    >>> r = type_groups({"add1": {"problems": 3, "avg@8": 0.5}, "chain": {"problems": 1,
+    ...                  "avg@8": 0.0}, "sub": {"problems": 3, "avg@8": 0.2}})
     >>> r["easy types"], {k: round(v, 4) for k, v in r["hard types"].items()}
     ({'problems': 3, 'avg@8': 0.5}, {'problems': 4, 'avg@8': 0.15})
     """

@@ -300,24 +300,22 @@ def loss_ratios(group_ratios, last_ran: float | None, mode: str = "sampled_promp
 
 
 def replace_groups(rollout: dict, sub: dict, groups: list[int], group_size: int):
-    """Put the groups of `sub` (sample_groups output, in `groups` order) into `rollout`."""
+    """Put the groups of rollout `sub` (in `groups` order) into `rollout`, prompts included."""
     G = group_size
     for n, i in enumerate(groups):
         rollout["prompts"][i] = sub["prompts"][n]
-        for key in ("completions", "texts", "rewards", "correct", "off_policy", "truncated",
-                    "source"):
+        for key in ampo.SEQUENCE_KEYS:
             rollout[key][i * G:(i + 1) * G] = sub[key][n * G:(n + 1) * G]
 
 
 def rollout_step(model, tokenizer, rows: list[dict], prompt_texts: list[str], cfg: Config,
-                 rng, step: int, lockstep=None) -> tuple[dict, dict]:
-    """One step's data, GHPO style. Same signature as ampo.rollout_step; returns (rollout,
-    metrics). Hints start after ghpo.start_hint_step steps (step is 1-based). rng and lockstep
-    serve AMPO's teachers, which stay off here."""
+                 step: int, **_) -> tuple[dict, dict]:
+    """GHPO's rollout function for ampo.train(), which calls it by keyword (ampo.rollout_step
+    has the list; rng and lockstep serve AMPO's teachers, unused here). Returns (rollout,
+    metrics). Hints start after ghpo.start_hint_step steps (step is 1-based)."""
     G, g = cfg.train.num_generations, cfg.ghpo
-    # Stage 0 is plain GRPO: ampo's rollout with its teachers off (cfg.ampo.trigger is "never").
-    rollout, metrics = ampo.rollout_step(model, tokenizer, rows, prompt_texts, cfg, rng, step,
-                                         lockstep)
+    # Stage 0 is plain GRPO: ampo's sampled and scored groups, with no teacher.
+    rollout, metrics = ampo.sample_step(model, tokenizer, rows, prompt_texts, cfg)
     ratios = g.hint_ratios if step > g.start_hint_step else []
     hard0 = [i for i in range(len(rows)) if is_hard(rollout["correct"][i * G:(i + 1) * G])]
     has_answer, hinted_correct = [], []
@@ -395,13 +393,13 @@ def train(cfg: Config, resume: bool = False) -> dict:
     check_config(cfg, infra.world_size())
     hints_on = bool(cfg.ghpo.hint_ratios) and cfg.ghpo.start_hint_step < cfg.train.max_steps
     return ampo.train(cfg, rollout_fn=rollout_step, log_line=format_metrics,
-                      require_solution=hints_on, resume=resume,
+                      require_solution=hints_on, resume=resume, teachers=False,
                       keep_row=gold_answer_parses if cfg.ghpo.skip_unparsed_gold else None)
 
 
 def main(argv=None):
     """`python ghpo.py --config config.yaml [--section.key=value ...]` (see the top)."""
-    return infra.cli(argv, __doc__, Config, ("ampo",), train, ampo.evaluate_files)
+    return infra.cli(argv, __doc__, Config, ("ampo",), train, check_config, ampo.evaluate)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,11 @@ in one sitting. This file never imports ampo or ghpo; they import it.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import dataclasses
+import difflib
+import errno
 import functools
 import hashlib
 import importlib.util
@@ -25,8 +28,10 @@ import math
 import os
 import random
 import shutil
+import socket
 import string
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -126,12 +131,16 @@ def yaml_error(where: str, e: Exception, lines: bool = True) -> InputError:
 def load_config(path: str | None, overrides: list[str], cls, foreign=()):
     """Read a YAML file into `cls`, apply `--section.key=value` overrides, check every key.
 
-    `foreign` names top-level blocks that belong to another script sharing the same file
-    (ampo.py skips the `ghpo:` block of a shared config.yaml, and the reverse). Any other
-    unknown section or key is an error that names it, so a typo never trains silently.
+    A config file may hold the blocks of several methods (config.yaml has `ampo:` and `ghpo:`):
+    a top-level block that is not a section of `cls` is another method's, and skipped, unless
+    its name is close to one of cls's sections (`trian:`), which is a typo and an error. An
+    unknown key, or an override of a section cls does not have, is an error that names it, so
+    a typo never trains silently. `foreign` names the other scripts' blocks for a clearer
+    message (ampo.py's is ("ghpo",)).
     """
     raw = read_yaml(path) if path else {}
     where = path or "overrides"
+    sections = [f.name for f in dataclasses.fields(cls)]
     for item in overrides:
         if not item.startswith("--") or "=" not in item or "." not in item.split("=")[0]:
             raise InputError(f"override {item!r}: expected --section.key=value")
@@ -139,6 +148,9 @@ def load_config(path: str | None, overrides: list[str], cls, foreign=()):
         section, key = dotted.split(".", 1)
         if section in foreign:
             raise InputError(f"override {item!r}: the {section}: block belongs to {section}.py")
+        if section not in sections:
+            raise InputError(f"override {item!r}: unknown config section {section!r} (this "
+                             f"script reads {', '.join(sections)})")
         if raw.get(section) is None:  # absent, or `train:` with nothing under it in the file
             raw[section] = {}
         if not isinstance(raw[section], dict):
@@ -148,12 +160,15 @@ def load_config(path: str | None, overrides: list[str], cls, foreign=()):
         except yaml.YAMLError as e:
             raise yaml_error(f"override {item!r}", e, lines=False) from None
     cfg = cls()
-    sections = [f.name for f in dataclasses.fields(cfg)]
     for section, values in raw.items():
         if section in foreign:
             continue
         if section not in sections:
-            raise InputError(f"unknown config section {section!r} in {where}")
+            close = difflib.get_close_matches(str(section), sections, n=1, cutoff=0.6)
+            if close:
+                raise InputError(f"unknown config section {section!r} in {where} (did you "
+                                 f"mean {close[0]!r}?)")
+            continue  # another method's block
         if values is not None and not isinstance(values, dict):  # `train: 5`
             raise InputError(f"config section {section} in {where}: expected its keys, "
                              f"got {values!r}")
@@ -230,6 +245,36 @@ def check_template(template: str, key: str, example=()):
         raise InputError(f"config key data.example: [problem, answer] or [], got {example!r}")
 
 
+def check_config(cfg, world: int, enums: dict, ranges: dict):
+    """ampo.check_config's work: every enum value (enums maps a dotted key to its allowed
+    values), every numeric range (check_ranges), the prompt template, and the constraints
+    between keys and with the number of torchrun processes, `world`."""
+    t, e = cfg.train, cfg.eval
+    for key, allowed in enums.items():
+        section, name = key.split(".")
+        one_of(getattr(getattr(cfg, section), name), allowed, key)
+    check_ranges(cfg, ranges)
+    check_template(cfg.data.prompt_template, "data.prompt_template", cfg.data.example)
+    if t.prompts_per_step % world:
+        raise InputError(f"config key train.prompts_per_step: {t.prompts_per_step} prompts "
+                         f"do not split evenly over {world} ranks")
+    if t.parallelism == "fsdp" and world > 1 and not t.use_vllm:
+        # FSDP2 gathers each layer's weights in a collective on every forward, so all ranks
+        # must run the same forwards; HF generate stops at each rank's own longest answer.
+        raise InputError("config key train.use_vllm: FSDP on several ranks samples with "
+                         "vLLM (HF generate is not in lockstep over ranks)")
+    if t.sampler == "loop" and t.parallelism == "fsdp" and not t.use_vllm:
+        raise InputError("config key train.sampler: 'loop' samples from a whole copy of "
+                         "the model, which FSDP shards; use generate or vLLM")
+    if not all(isinstance(k, int) and 0 < k <= e.num_samples for k in e.pass_k):
+        raise InputError(f"config key eval.pass_k: every k in 1..eval.num_samples "
+                         f"({e.num_samples}), got {e.pass_k}")
+    one_of(e.best_metric, ["avg", "none"] + [f"pass@{k}" for k in e.pass_k],
+           "eval.best_metric")
+    if e.every and not e.files:
+        raise InputError("config key eval.every: set, but eval.files names no test file")
+
+
 # =============================================================================================
 # 2. Data files: the simple schema, or the official AMPO parquet and GHPO rows, unchanged
 # =============================================================================================
@@ -265,6 +310,9 @@ def read_records(path: str) -> list[dict]:
     return rows
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
 def normalise_row(rec: dict, where: str, rule: str = "ours") -> dict:
     """One row of any supported schema -> {problem, messages, answer, solution, teachers}.
     A gold given as a worked solution with a \\boxed{} is read by `rule` (train.answer_rule).
@@ -283,6 +331,11 @@ def normalise_row(rec: dict, where: str, rule: str = "ours") -> dict:
             messages = messages.tolist()
         if not isinstance(messages, list) or not messages:
             raise InputError(f"{where}: 'prompt' must be a non-empty chat list")
+        for i, m in enumerate(messages):
+            if not (isinstance(m, dict) and m.get("role") in CHAT_ROLES
+                    and isinstance(m.get("content"), str)):
+                raise InputError(f"{where}: prompt[{i}] must be a message {{'role': "
+                                 f"{'|'.join(CHAT_ROLES)}, 'content': text}}, got {m!r}"[:300])
         reward_model = rec.get("reward_model") or {}
         if not isinstance(reward_model, dict):
             raise InputError(f"{where}: 'reward_model' must be an object with 'ground_truth'")
@@ -754,18 +807,22 @@ def save_checkpoint(out_dir, step: int, policy, tokenizer, optimizer, scheduler,
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(policy, options=opts)
     optim = get_optimizer_state_dict(policy, optimizer, options=opts)
-    if rank == 0:
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            policy.save_pretrained(tmp, state_dict=weights)
+            tokenizer.save_pretrained(tmp)
+            torch.save(optim, tmp / "optimizer.pt")
+            torch.save({"step": step, "scheduler": scheduler.state_dict(),
+                        "data": file_fingerprint(cfg.data.train_file), **state},
+                       tmp / "trainer_state.pt")
+            with open(tmp / "config.yaml", "w") as f:
+                yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+        barrier()
+        torch.save(rng_states(rngs), tmp / f"rng_state_{rank}.pt")
+    except (OSError, RuntimeError) as e:  # torch.save on a full disk: "iostream error"
         shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_pretrained(tmp, state_dict=weights)
-        tokenizer.save_pretrained(tmp)
-        torch.save(optim, tmp / "optimizer.pt")
-        torch.save({"step": step, "scheduler": scheduler.state_dict(),
-                    "data": file_fingerprint(cfg.data.train_file), **state},
-                   tmp / "trainer_state.pt")
-        with open(tmp / "config.yaml", "w") as f:
-            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
-    barrier()
-    torch.save(rng_states(rngs), tmp / f"rng_state_{rank}.pt")
+        raise write_error(tmp, e) from e
     barrier()
     if rank == 0:
         fsync_tree(tmp)  # every file on disk before the rename makes the folder count
@@ -781,6 +838,16 @@ def save_checkpoint(out_dir, step: int, policy, tokenizer, optimizer, scheduler,
                 shutil.rmtree(old)
     barrier()
     return path
+
+
+def write_error(path: Path, e: Exception) -> OSError:
+    """A failed write as an error that says why: no space left (torch.save says only
+    "iostream error"), with what is free, or the system's own reason."""
+    free = shutil.disk_usage(next(p for p in [path, *path.parents] if p.exists())).free
+    full = getattr(e, "errno", None) == errno.ENOSPC or free < 16 * 2**20
+    why = f"no space left on the device ({free / 2**20:.1f} MiB free)" if full else str(e)
+    return OSError(f"writing {path} failed: {why}; the partial {path.name} was removed and "
+                   f"the earlier checkpoints are intact, so --resume continues once there is room")
 
 
 def checkpoint_problem(path: Path, world: int) -> str | None:
@@ -883,6 +950,19 @@ def keep_lines_up_to_step(path: Path, step: int):
     os.replace(tmp, path)
 
 
+def check_same_model(saved: Path, cfg):
+    """--resume keeps the run's model: the policy comes from the checkpoint, and the KL
+    reference (train.beta > 0) would come from model.name_or_path, so another path there would
+    swap the reference mid-run (and be recorded as the run's model)."""
+    with open(saved) as f:
+        old = (yaml.safe_load(f).get("model") or {}).get("name_or_path")
+    if old is not None and old != cfg.model.name_or_path:
+        raise InputError(f"config key model.name_or_path: --resume continues the run started "
+                         f"from {old!r}, got {cfg.model.name_or_path!r}; resume without "
+                         f"changing it, or start a new run (a new log.output_dir) from a "
+                         f"checkpoint folder")
+
+
 def warn_config_changes(saved: Path, cfg):
     """Name every key whose value differs from the checkpoint's config: a resumed run with
     other settings is allowed (a longer max_steps, say) but is no longer the same run."""
@@ -899,6 +979,84 @@ def warn_config_changes(saved: Path, cfg):
 # =============================================================================================
 # 6. The run: start-up, the training prompts, vLLM hooks, logs, the command line
 # =============================================================================================
+
+
+def check_output_dir(out_dir: Path):
+    """Create out_dir if needed and prove it takes a file, before any work: a folder that is a
+    file, lies under a file, is read-only or sits on a full disk is one clear error naming the
+    path and the cause, not a traceback after the work is done."""
+    causes = {errno.ENOSPC: "no space left on the device", errno.EROFS: "a read-only file system",
+              errno.EACCES: "no permission to write", errno.ENOTDIR: "a file is in its path",
+              errno.EEXIST: "a file, not a folder"}
+    probe = out_dir / f".write-test-{os.getpid()}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        probe.unlink()
+    except OSError as e:
+        cause = causes.get(e.errno, e.strerror or str(e))
+        raise InputError(f"config key log.output_dir: cannot write to {out_dir}: {cause}") from None
+
+
+# A run owns its folder for its whole life: rank 0 creates the lock file atomically (O_EXCL)
+# before it looks at or writes anything there, and deletes it when the run ends. The file names
+# the owner (pid, host, start time); a lock whose process is gone (a run killed with -9 on this
+# machine) is taken over, one held by a live process or by another machine is not.
+LOCK = ".run.lock"
+
+
+def lock_owner_gone(owner: dict) -> bool:
+    """True when the lock's process is this one (an earlier run in this process) or no longer
+    runs on this machine; a lock of another machine can't be checked, so it holds."""
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return False
+    if owner["pid"] == os.getpid():
+        return True
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def claim_folder(out_dir: Path) -> Path:
+    """Take out_dir's lock for this process (see LOCK), or refuse naming the owner."""
+    lock = out_dir / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                owner = {}  # being written this instant by its owner: held
+            if lock_owner_gone(owner):
+                lock.unlink(missing_ok=True)
+                continue
+            raise InputError(
+                f"config key log.output_dir: {out_dir} is in use by another run (pid "
+                f"{owner.get('pid', '?')} on {owner.get('host', '?')}, since "
+                f"{owner.get('started', '?')}); give this run another log.output_dir, or wait. "
+                f"If that run is gone (it ran on another machine), delete {lock}") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        atexit.register(release_folder, lock)
+        return lock
+    raise InputError(f"config key log.output_dir: could not take the lock {lock}")
+
+
+def release_folder(lock: Path):
+    """Delete the run's lock file if this process still owns it."""
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 def earlier_run(out_dir: Path) -> str | None:
@@ -931,8 +1089,16 @@ def start_run(cfg, resume: bool) -> dict:
     rngs = {"data": random.Random(t.seed), "guidance": random.Random(f"guidance-{t.seed}-{rank}")}
     out_dir = Path(cfg.log.output_dir)
     ckpt = None
+    if rank == 0:
+        check_output_dir(out_dir)
+        claim_folder(out_dir)
+    barrier()
     if resume:
+        if rank == 0:  # half-written checkpoints of a crashed run, which a full disk needs back
+            for tmp in out_dir.glob("checkpoint-*.tmp"):
+                shutil.rmtree(tmp, ignore_errors=True)
         ckpt = newest_checkpoint(out_dir, world, verbose=rank == 0)
+        check_same_model(ckpt / "config.yaml", cfg)
         warn_config_changes(ckpt / "config.yaml", cfg)
         trained_on = torch.load(ckpt / "trainer_state.pt", weights_only=True).get("data")
         if trained_on not in (None, file_fingerprint(cfg.data.train_file)):
@@ -945,12 +1111,18 @@ def start_run(cfg, resume: bool) -> dict:
         raise InputError(f"config key log.output_dir: {out_dir} holds another run "
                          f"({earlier_run(out_dir)}); continue it with --resume, or give this run "
                          f"a new log.output_dir (or delete that folder)")
-    out_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     return {"rank": rank, "world": world, "main": rank == 0, "rngs": rngs, "ckpt": ckpt,
             "out_dir": out_dir, "metrics": out_dir / "metrics.jsonl",
             "samples": out_dir / "samples.jsonl", "best": read_best(out_dir) if resume else None}
+
+
+def end_run(run: dict):
+    """The run is done: rank 0 says where it wrote and gives up the folder's lock."""
+    if run["main"]:
+        print(f"done: metrics in {run['metrics']}, checkpoints in {run['out_dir']}")
+        release_folder(run["out_dir"] / LOCK)
 
 
 def resume_or_begin(run: dict, policy, optimizer, scheduler, cfg,
@@ -1015,11 +1187,14 @@ def load_reference(cfg, policy, ckpt: str | None):
     return wrap_model(ref_model, cfg.train) if cfg.train.parallelism == "fsdp" else ref_model
 
 
-def load_prompts(cfg, tokenizer, require_solution: bool, verbose: bool, keep_row=None):
+def load_prompts(cfg, tokenizer, require_solution: bool, verbose: bool, keep_row=None,
+                 teachers: bool = True):
     """The training rows, their chat-formatted prompts, and the indices of the rows whose prompt
     fits data.max_prompt_length tokens and that keep_row (row -> bool, if given) keeps: the
-    others are dropped, and counted (ghpo.py skips the rows whose gold answer does not parse)."""
-    rows, stats = load_dataset(cfg.data.train_file, cfg.ampo.max_available_targets,
+    others are dropped, and counted (ghpo.py skips the rows whose gold answer does not parse).
+    Without teachers, the rows' teacher responses are neither kept nor verified."""
+    rows, stats = load_dataset(cfg.data.train_file,
+                               cfg.ampo.max_available_targets if teachers else 0,
                                cfg.train.verifier_workers, require_solution,
                                timeout=cfg.train.verifier_timeout, rule=cfg.train.answer_rule)
     texts = [build_prompt(tokenizer, r, cfg.data.prompt_template, cfg.data.system_prompt,
@@ -1123,7 +1298,7 @@ def group_samples(rollout: dict, rows: list[dict], group_size: int) -> list[dict
 
 
 def format_metrics(step: int, m: dict) -> str:
-    """AMPO's line per step, nanoGPT style (ghpo.py has its own; the README explains each)."""
+    """AMPO's line per step, nanoGPT style (ghpo.py has its own; docs/runs.md explains each)."""
     t = m["time"]
     return (f"step {step}: reward {m['reward']:.3f} acc {m['accuracy']:.3f} "
             f"guided {m.get('guided_frac', 0):.2f} none/all {m['solve_none']}/{m['solve_all']} "
@@ -1131,7 +1306,7 @@ def format_metrics(step: int, m: dict) -> str:
             f"teachers {m.get('teachers_picked', {})} ent {m['entropy']:.3f} len {m['completion_len']:.0f} "
             f"clip {m['clip_frac']:.3f} ppo_kl {m['ppo_kl']:+.4f} gnorm {m['grad_norm']:.3f} "
             f"loss {m['loss']:+.4f} | "
-            f"gen {t['generate']:.1f}s rew {t['reward']:.1f}s guide {t['guidance']:.1f}s "
+            f"gen {t['generate']:.1f}s rew {t['reward']:.1f}s guide {t.get('guidance', 0):.1f}s "
             f"train {t['train']:.1f}s {m['tokens_per_s']:.0f} tok/s")
 
 
@@ -1277,7 +1452,21 @@ def eval_report(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cli(argv, doc: str, cls, foreign, train_fn, eval_fn):
+def evaluate_files(cfg, check_fn, evaluate_fn) -> list[dict]:
+    """`--eval`: avg@n and pass@k of cfg.model on every file in eval.files, with the script's
+    config check and evaluation (ampo.check_config, ampo.evaluate)."""
+    check_fn(cfg, world_size())
+    if not cfg.eval.files:
+        raise InputError("config key eval.files: no test file to evaluate")
+    rank, world = init_distributed()
+    model, tokenizer = load_model(cfg.model)
+    attach_engine(model, cfg, model_path(cfg.model.name_or_path))
+    torch.manual_seed(cfg.train.seed + rank)
+    return [evaluate_fn(model, tokenizer, cfg, path, rank, world, all_sum)
+            for path in cfg.eval.files]
+
+
+def cli(argv, doc: str, cls, foreign, train_fn, check_fn, evaluate_fn):
     """The command line of ampo.py and ghpo.py: `--config FILE [--section.key=value ...]`,
     then train (or `--resume`), or `--eval` (results printed and appended to eval.jsonl).
 
@@ -1298,13 +1487,14 @@ def cli(argv, doc: str, cls, foreign, train_fn, eval_fn):
             result = train_fn(cfg, resume=args.resume)
             finish_distributed()
             return result
-        results = eval_fn(cfg)
+        out = Path(cfg.log.output_dir)
+        if rank_and_world()[0] == 0:
+            check_output_dir(out)  # before the evaluation, not after it
+        results = evaluate_files(cfg, check_fn, evaluate_fn)
     except InputError as e:
         sys.exit(f"error: {e}")
     if rank_and_world()[0] == 0:
-        out = Path(cfg.log.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        print(eval_report(results))
+        print(eval_report(results))  # the scores first: nothing after this can lose them
         with open(out / "eval.jsonl", "a") as f:
             for r in results:
                 f.write(json.dumps({"model": cfg.model.name_or_path, **r}) + "\n")

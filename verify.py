@@ -86,7 +86,7 @@ def last_box(text: str, start: int = 0, end: int | None = None) -> tuple[int, in
 #         then, if the text has both tags, the last <answer> block (L461-L462; tags in the wrong
 #         order leave an empty answer), and in it the last \boxed{} (match_answer, L394-L398).
 #         Not here: match_answer's text heuristics ("answer is", "=", the last sentence) and
-#         the PRIME grader itself; see the README.
+#         the PRIME grader itself; see docs/official.md.
 #   ghpo  the official GHPO accuracy reward (src/open_r1/rewards.py L53-L72): math-verify's
 #         LaTeX extraction with boxes first (boxed_match_priority 0) and no unanchored LaTeX
 #         (try_extract_without_anchor False): the last \boxed{} anywhere, else the last math
@@ -171,7 +171,8 @@ def extract_answer(text: str, rule: str = "ours") -> str | None:
     return answer or None
 
 
-def gold_in_final_answer(response: str, gold: str, rule: str = "ours") -> tuple[str, int] | None:
+def gold_in_final_answer(response: str, gold: str,
+                         rule: str = "ours") -> tuple[str, int] | None:
     """The response with its final answer (answer_span under `rule`, train.answer_rule)
     replaced by `gold`, and where the gold starts, or None without a final answer. The text after the answer is kept so the string
     stays well formed (the closing brace); a causal model scores the gold from what precedes it.

@@ -26,7 +26,7 @@ same files were read instead, next to TRL's colocate mode, trl/generation/vllm_g
     tested before max_tokens, so an EOS sampled as the last allowed token is a "stop";
   - vllm/sampling_params.py: top_k 0 disables top-k (-1 is still accepted);
     update_from_generation_config adds the generation config's other EOS ids as stop tokens.
-Not run here: this project's machines have no vLLM (see README).
+Not run here: this project's machines have no vLLM (see docs/scale.md).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
     HF_HUB_OFFLINE=1 python data/measure.py [--rows 8] [--samples 8] [--hints] \
         [--config config.yaml] [--section.key=value ...]
 
-For the first --rows training rows of every problem type (a row's data_source), samples --samples answers at the
-run's temperature and length with the run's prompt (any config key can be overridden, e.g.
+For the first --rows training rows of every problem type (a row's data_source), samples
+--samples answers at the run's temperature and length with the run's prompt (any key can be
+overridden, e.g. --train.temperature=0.6 for the evaluation's sampling, or
 --data.prompt_template=...), and prints per type: the share of answers with a final answer in
 the required format (a \\boxed{} or <answer> block), the share the strict verifier scores
 correct, and the share of groups with at least one correct answer (AMPO guides the others).

@@ -1055,10 +1055,10 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_mode
 
     ampo.train(config("straight"))
 
-    def crash_at_step_4(*args):
-        if args[6] == 4:  # rollout_fn(model, tokenizer, rows, prompts, cfg, rng, step, lockstep)
+    def crash_at_step_4(**kw):  # train() calls a rollout function by keyword
+        if kw["step"] == 4:
             raise KeyboardInterrupt("killed")
-        return ampo.rollout_step(*args)
+        return ampo.rollout_step(**kw)
 
     with pytest.raises(KeyboardInterrupt):
         ampo.train(config("resumed"), rollout_fn=crash_at_step_4)

@@ -68,7 +68,8 @@ def test_compare_writes_results_and_plots_and_resumes(tiny_compare, monkeypatch)
     assert all(f"| {m} |" in table for m in ("base", "grpo", "ampo", "ghpo"))
     # A rerun trains and evaluates nothing again: every run has its result.json.
     monkeypatch.setattr(ampo, "train", lambda *a, **k: pytest.fail("trained again"))
-    monkeypatch.setattr(ampo, "evaluate_files", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr(compare.infra, "evaluate_files",
+                        lambda *a, **k: pytest.fail("evaluated again"))
     assert compare.main(args)["summary"] == record["summary"]
 
 

@@ -103,7 +103,7 @@ def test_ampo_7b_is_the_release_run():
 
 def test_embedded_default_scores_comprehension_on_the_boxed_span():
     """config.yaml's teachers answer in \\boxed{} without <answer> tags: under the official rule
-    every one would score 0 (README, comprehension rows)."""
+    every one would score 0 (docs/official.md, comprehension rows)."""
     cfg = infra.load_config("config.yaml", [], ampo.Config, ("ghpo",))
     assert cfg.ampo.comprehension_input == "span"
 

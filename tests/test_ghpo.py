@@ -198,7 +198,7 @@ def scripted_rollout(tiny_model_dir, tmp_path, monkeypatch, **ghpo_keys):
     rows = [{"problem": p, "messages": None, "answer": a, "solution": "aaaa bbbb cccc dddd",
              "teachers": []} for p, a, _ in ROWS]
     texts = [infra.build_prompt(tok, r, cfg.data.prompt_template, None) for r in rows]
-    rollout, m = ghpo.rollout_step(model, tok, rows, texts, cfg, None, step=1)
+    rollout, m = ghpo.rollout_step(model, tok, rows, texts, cfg, step=1)
     return model, tok, cfg, rows, texts, rollout, m
 
 

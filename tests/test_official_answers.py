@@ -25,7 +25,7 @@ import infra
 import verify
 
 # (response, gold, ours, official AMPO, official GHPO, rules where we knowingly differ).
-# A rule listed last gives the opposite verdict here; the README's tables say why.
+# A rule listed last gives the opposite verdict here; docs/official.md's tables say why.
 ANSWERS = [
     # a bare box: every rule
     ("\\boxed{42}", "42", True, True, True, ()),

@@ -41,3 +41,32 @@ def test_plot_without_labels_names_runs_by_folder(tmp_path, capsys):
     plot.main([run])
     assert (tmp_path / "grpo" / "curves.png").exists()
     assert "reward, accuracy" in capsys.readouterr().out
+
+
+def test_mechanism_panels_smoothing_and_one_colour_per_method(tmp_path, capsys, monkeypatch):
+    grpo = write_run(tmp_path / "grpo", [{"frac_reward_zero_std": 1.0, "grad_norm": 0.0}] * 3)
+    ampo = write_run(tmp_path / "ampo", [{"frac_reward_zero_std": 0.0, "grad_norm": 0.3,
+                                          "guided_frac": 1.0}] * 3)
+    ghpo = write_run(tmp_path / "ghpo", [{"frac_reward_zero_std": 0.5, "grad_norm": 0.5,
+                                          "rescued_frac": [0.0, 0.5, 0.25]}] * 3)
+    import matplotlib.axes
+    colours = {}
+    real_plot = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, label=None, color=None, **kw):
+        if label:
+            colours.setdefault(label, set()).add(color)
+        return real_plot(self, *args, label=label, color=color, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    out = tmp_path / "mechanism.png"
+    plot.main([grpo, ampo, ghpo, "--labels", "GRPO,AMPO,GHPO", "--mechanism", "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "frac_reward_zero_std, grad_norm, guided_or_rescued" in capsys.readouterr().out
+    # the same colour for a method in every panel, and the project's colour for each
+    assert colours == {"GRPO": {"tab:blue"}, "AMPO": {"tab:orange"}, "GHPO": {"tab:green"}}
+    # GHPO's share rescued by some hint stage is the sum over stages
+    runs = [plot.read_metrics(ghpo)]
+    assert plot.curves(runs, "guided_or_rescued")[1] == [0.75] * 3
+    assert plot.curves([plot.read_metrics(grpo)], "guided_or_rescued")[0] == []  # no guidance
+    assert plot.moving_average([1.0, 0.0, 1.0, 0.0], 3) == [1.0, 0.5, 2 / 3, 1 / 3]
