@@ -61,10 +61,10 @@ KEYS = ["avg@8"] + [f"pass@{k}" for k in PASS_K]
 TYPE_GROUPS = {"easy types": [g.__name__ for g, _ in MIX if g.__name__ not in HARD_TYPES],
                "hard types": list(HARD_TYPES)}
 # A regime is a set of overrides applied before the command line's (which still win) and its
-# number of evaluated problems. The hard budget fits 3 methods x 4 seeds, evaluations
-# included, in about 100 minutes on a 2-core CPU: a step there costs GRPO ~39 s, AMPO ~33 s and
-# GHPO ~70 s (its three hint stages resample nearly every group), an evaluation ~2.5 s a
-# problem (README "Results" has the measurement and the choice).
+# number of evaluated problems. The hard budget: a step there costs GRPO ~39 s, AMPO ~33 s and
+# GHPO ~70 s on a 2-core CPU (its three hint stages resample nearly every group), an evaluation
+# ~2.5 s a problem, so a seed (3 runs, 4 evaluations) takes 25-30 min and 3 seeds fit in about
+# 100 minutes (docs/results.md has the measurement and the choice).
 REGIMES = {
     "mixed": {"overrides": [], "problems": 48},
     "hard": {"overrides": ["--data.train_file=data/train_hard.jsonl",
