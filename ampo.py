@@ -422,8 +422,8 @@ def substitution_slots(correct_in_group, k: int, rng: random.Random) -> list[int
 #
 # A teacher whose reasoning leads the student to the answer scores high. Teachers are ranked by
 # the score, ties to the shorter response, and the top k are used. ampo.comprehension_input:
-# "span" puts the gold in the final answer's span; "official" (the paper configs) rewrites the
-# <answer> block (verify.gold_in_answer_tag), divides logits by T, adds 0.1 * format (docs/).
+# "span" puts the gold in the final answer's span; "official" (the paper configs, see
+# docs/official.md) rewrites the <answer> block, divides logits by T, adds 0.1 * format.
 
 
 def select_teachers(scores, lengths, k: int) -> list[int]:
@@ -441,8 +441,8 @@ def comprehension_inputs(tokenizer, prompt: str, response: str, gold: str, rule:
     """Token ids of prompt + response with its final answer replaced by `gold`, and a mask.
 
     Returns (ids, gold_mask) or None when the response has no final answer to replace (rule
-    "span": verify.gold_in_final_answer, the final answer that train.answer_rule, answer_rule,
-    grades; "official": verify.gold_in_answer_tag). The text is
+    "span": verify.gold_in_final_answer, at the final answer that answer_rule, the run's
+    train.answer_rule, grades; "official": verify.gold_in_answer_tag). The text is
     re-tokenized as one string (as the official code does), and the gold tokens are those whose
     characters overlap the gold's span, found with offsets (official mix_dapo_trainer.py L2225).
     """
