@@ -142,6 +142,7 @@ class LogConfig:
     sample_every: int = 10  # print and save a few decoded rollouts every N steps (0: never)
     save_every: int = 0  # checkpoint every N steps (0: only the final one)
     keep_last: int = 2  # checkpoint-<step> folders kept; older ones are deleted
+    report_to: list = field(default_factory=lambda: ["none"])  # tensorboard, wandb, trackio
 
 
 @dataclass

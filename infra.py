@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+import trackers
 import verify
 
 
@@ -81,6 +82,8 @@ def coerce(value, default, key: str):
         if number is not None:
             return finite(number, key)
     elif isinstance(default, list):
+        if isinstance(value, str) and default and all(isinstance(x, str) for x in default):
+            value = [value]  # a list of names given one name: `log.report_to: tensorboard`
         if isinstance(value, list):
             return [finite(x, key) if isinstance(x, float) else x for x in value]
     elif default is None or isinstance(default, str):
@@ -273,6 +276,7 @@ def check_config(cfg, world: int, enums: dict, ranges: dict):
            "eval.best_metric")
     if e.every and not e.files:
         raise InputError("config key eval.every: set, but eval.files names no test file")
+    trackers.check_names(cfg.log.report_to)
 
 
 # =============================================================================================
@@ -1111,16 +1115,23 @@ def start_run(cfg, resume: bool) -> dict:
         raise InputError(f"config key log.output_dir: {out_dir} holds another run "
                          f"({earlier_run(out_dir)}); continue it with --resume, or give this run "
                          f"a new log.output_dir (or delete that folder)")
+    opened = []  # the trackers of log.report_to (trackers.py): rank 0 logs
     if rank == 0:
         print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        first = int(Path(ckpt).name.split("-")[1]) + 1 if ckpt else 1  # the step to log next
+        opened = trackers.start(cfg.log.report_to, out_dir, resume, dataclasses.asdict(cfg), first)
+        atexit.register(trackers.finish, opened)  # a run that fails still closes them
     return {"rank": rank, "world": world, "main": rank == 0, "rngs": rngs, "ckpt": ckpt,
             "out_dir": out_dir, "metrics": out_dir / "metrics.jsonl",
-            "samples": out_dir / "samples.jsonl", "best": read_best(out_dir) if resume else None}
+            "samples": out_dir / "samples.jsonl", "best": read_best(out_dir) if resume else None,
+            "trackers": opened}
 
 
 def end_run(run: dict):
-    """The run is done: rank 0 says where it wrote and gives up the folder's lock."""
+    """The run is done: rank 0 closes its trackers, says where it wrote and gives up the
+    folder's lock."""
     if run["main"]:
+        trackers.finish(run["trackers"])
         print(f"done: metrics in {run['metrics']}, checkpoints in {run['out_dir']}")
         release_folder(run["out_dir"] / LOCK)
 
@@ -1342,14 +1353,18 @@ def rollout_metrics(m: dict, rollout: dict, batch: dict, lr: float, group_size: 
 
 
 def log_step(run: dict, cfg, step: int, m: dict, line: str, rollout: dict, rows: list[dict]):
-    """Rank 0 appends the step's metrics to metrics.jsonl and prints its line; every
-    log.sample_every steps, the first answer of each group goes to samples.jsonl."""
+    """Rank 0 appends the step's metrics to metrics.jsonl, sends them to the trackers of
+    log.report_to and prints its line; every log.sample_every steps, the first answer of each
+    group goes to samples.jsonl."""
     from tqdm import tqdm
 
     if not run["main"]:
         return
     with open(run["metrics"], "a") as f:
         f.write(json.dumps(m) + "\n")
+    if run["trackers"]:
+        per_source = pooled_sources(m["eval"]) if "eval" in m else None
+        trackers.log(run["trackers"], step, trackers.scalars(m, per_source))
     if "eval" in m:
         tqdm.write(eval_report(m["eval"]))
     tqdm.write(line)
@@ -1402,10 +1417,10 @@ def source_scores(path: str, sources: list, mine: list, names: list[str], scores
     return out
 
 
-def source_means(results: list[dict]) -> dict:
-    """The mean over data sources of all test files at once, for each score: the official
-    avg_score. A source found in several files is one source, its problems pooled (the official
-    trainer reads its validation files as one dataset)."""
+def pooled_sources(results: list[dict]) -> dict:
+    """Each data source's scores over all test files at once: a source found in several files
+    is one source, its problems pooled (the official trainer reads its validation files as one
+    dataset). {source: {score: mean over its problems}}."""
     pooled: dict[str, dict] = {}
     for r in results:
         for s, b in r["by_source"].items():
@@ -1413,7 +1428,15 @@ def source_means(results: list[dict]) -> dict:
             for k, v in b.items():
                 p[k] += v if k == "problems" else v * b["problems"]
     names = list(results[0]["source_mean"])
-    return {n: sum(p[n] / p["problems"] for p in pooled.values()) / len(pooled) for n in names}
+    return {s: {n: p[n] / p["problems"] for n in names} for s, p in pooled.items()}
+
+
+def source_means(results: list[dict]) -> dict:
+    """The mean over data sources of all test files at once, for each score (pooled_sources):
+    the official avg_score."""
+    pooled = pooled_sources(results)
+    names = list(results[0]["source_mean"])
+    return {n: sum(p[n] for p in pooled.values()) / len(pooled) for n in names}
 
 
 def new_best(run: dict, metric: str, m: dict) -> dict | None:
