@@ -577,13 +577,12 @@ def apply_guidance(rollout: dict, rows: list[dict], prompt_texts: list[str], mod
             picked[rows[i]["teachers"][j][0]] += 1
             if (i, j) in scores:
                 picked_scores.append(scores[(i, j)])
-    return {
-        "guided_frac": len(groups) / len(rows),
-        "teachers_picked": dict(picked),
-        "comprehension_mean": sum(scores.values()) / len(scores) if scores else float("nan"),
-        "comprehension_picked": (sum(picked_scores) / len(picked_scores)
-                                 if picked_scores else float("nan")),
-    }
+    rollout["guidance"] = {i: {"candidates": [[src, scores.get((i, j))] for j, (src, _) in
+                               enumerate(rows[i]["teachers"])]} for i in groups}  # samples.jsonl
+    return {"guided_frac": len(groups) / len(rows), "teachers_picked": dict(picked),
+            "comprehension_mean": sum(scores.values()) / len(scores) if scores else float("nan"),
+            "comprehension_picked": (sum(picked_scores) / len(picked_scores)
+                                     if picked_scores else float("nan"))}
 
 
 def sample_step(model, tokenizer, rows: list[dict], prompt_texts: list[str],
@@ -1083,7 +1082,7 @@ def train(cfg: Config, rollout_fn=rollout_step, log_line=infra.format_metrics,
             m["eval"] = [evaluate(policy, tokenizer, cfg, path, rank, world, infra.all_sum)
                          for path in cfg.eval.files]
             m["eval_mean"] = infra.source_means(m["eval"])  # per score: the official avg_score
-        infra.log_step(run, cfg, step, m, log_line(step, m), rollout, batch_rows)
+        infra.log_step(run, cfg, step, m, log_line(step, m), rollout, batch_rows, batch)
         best = infra.new_best(run, cfg.eval.best_metric, m)  # its checkpoint outlives keep_last
         if best or step == t.max_steps or (cfg.log.save_every and step % cfg.log.save_every == 0):
             infra.save_checkpoint(run["out_dir"], step, policy, tokenizer, optimizer, scheduler,

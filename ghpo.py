@@ -318,7 +318,7 @@ def rollout_step(model, tokenizer, rows: list[dict], prompt_texts: list[str], cf
     rollout, metrics = ampo.sample_step(model, tokenizer, rows, prompt_texts, cfg)
     ratios = g.hint_ratios if step > g.start_hint_step else []
     hard0 = [i for i in range(len(rows)) if is_hard(rollout["correct"][i * G:(i + 1) * G])]
-    has_answer, hinted_correct = [], []
+    has_answer, hinted_correct, rollout["guidance"] = [], [], {}  # guidance: for samples.jsonl
     tick = time.perf_counter()
 
     def regenerate(groups, ratio):
@@ -329,6 +329,9 @@ def rollout_step(model, tokenizer, rows: list[dict], prompt_texts: list[str], cf
         sub["source"] = [f"hint-{ratio:g}"] * len(sub["source"])
         replace_groups(rollout, sub, groups, G)  # the group's prompt becomes the hinted one
         hinted_correct.extend(sub["correct"])
+        for n, (i, hint) in enumerate(zip(groups, prefixes)):  # each stage a group went through
+            rollout["guidance"].setdefault(i, {"stages": []})["stages"].append(
+                {"ratio": ratio, "hint": hint, "correct": sum(sub["correct"][n * G:(n + 1) * G])})
         return sub["correct"]
 
     group_ratio, stages = escalate(rollout["correct"], G, ratios, regenerate)

@@ -1301,11 +1301,33 @@ def engine_refresh(policy, cfg):
         sampler.refresh(policy.fast_sampler, policy)
 
 
-def group_samples(rollout: dict, rows: list[dict], group_size: int) -> list[dict]:
-    """The first answer of every group, decoded, for samples.jsonl."""
-    return [{"problem": rows[s // group_size]["problem"], "source": rollout["source"][s],
-             "completion": rollout["texts"][s], "reward": rollout["rewards"][s]}
-            for s in range(0, len(rollout["texts"]), group_size)]
+# samples.jsonl keeps the first SAMPLE_GROUPS groups of a step (rank 0's), every
+# log.sample_every steps: enough for report.py's page, small at any batch size.
+SAMPLE_GROUPS = 8
+
+
+def group_samples(rollout: dict, rows: list[dict], group_size: int,
+                  advantages: list[float]) -> list[dict]:
+    """The first SAMPLE_GROUPS groups of a step, decoded, for samples.jsonl (one record each).
+
+    group, problem: the group's place in the batch and its problem; source, completion, reward:
+    its first answer, as older files had them; answers: all G, each with its text, reward,
+    correct (for a teacher's, the replaced answer's flag: accuracy counts the policy's own),
+    source ("policy", the teacher, "hint-<ratio>") and advantage (from the batch that trained);
+    guidance: what the rollout function recorded for the group in rollout["guidance"] (AMPO:
+    every candidate teacher and its comprehension score; GHPO: each hint stage that ran, its
+    hint text and how many of the G answers were then correct), when it recorded anything.
+    """
+    G, guidance, out = group_size, rollout.get("guidance", {}), []
+    for i in range(min(SAMPLE_GROUPS, len(rollout["texts"]) // G)):
+        answers = [{"text": rollout["texts"][s], "reward": rollout["rewards"][s],
+                    "correct": rollout["correct"][s], "source": rollout["source"][s],
+                    "advantage": round(advantages[s], 4)} for s in range(i * G, (i + 1) * G)]
+        first = answers[0]
+        out.append({"group": i, "problem": rows[i]["problem"], "source": first["source"],
+                    "completion": first["text"], "reward": first["reward"], "answers": answers,
+                    **({"guidance": guidance[i]} if i in guidance else {})})
+    return out
 
 
 def format_metrics(step: int, m: dict) -> str:
@@ -1352,10 +1374,11 @@ def rollout_metrics(m: dict, rollout: dict, batch: dict, lr: float, group_size: 
     return m
 
 
-def log_step(run: dict, cfg, step: int, m: dict, line: str, rollout: dict, rows: list[dict]):
+def log_step(run: dict, cfg, step: int, m: dict, line: str, rollout: dict, rows: list[dict],
+             batch: dict):
     """Rank 0 appends the step's metrics to metrics.jsonl, sends them to the trackers of
-    log.report_to and prints its line; every log.sample_every steps, the first answer of each
-    group goes to samples.jsonl."""
+    log.report_to and prints its line; every log.sample_every steps, a few groups go to
+    samples.jsonl (group_samples, with the advantages of `batch`, the batch that trained)."""
     from tqdm import tqdm
 
     if not run["main"]:
@@ -1369,7 +1392,8 @@ def log_step(run: dict, cfg, step: int, m: dict, line: str, rollout: dict, rows:
         tqdm.write(eval_report(m["eval"]))
     tqdm.write(line)
     if cfg.log.sample_every and step % cfg.log.sample_every == 0:
-        samples = group_samples(rollout, rows, cfg.train.num_generations)
+        samples = group_samples(rollout, rows, cfg.train.num_generations,
+                                batch["advantages"].tolist())
         with open(run["samples"], "a") as f:
             f.writelines(json.dumps({"step": step, **s}) + "\n" for s in samples)
         tqdm.write(f"  sample: {samples[0]['completion'][:200]!r} -> reward "
