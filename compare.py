@@ -23,9 +23,10 @@ on their held-out rows, where GRPO's groups are nearly all unsolved: the papers'
 
 Writes to --out: one folder a run (its metrics.jsonl, samples.jsonl, last checkpoint and
 result.json), results.json (every figure, per seed and as mean / std / min / max over seeds),
-results.md (the tables) and three PNGs: curves.png (training curves, seeds as a shaded band),
+results.md (the tables), three PNGs: curves.png (training curves, seeds as a shaded band),
 mechanism.png (groups with no reward spread, gradient norm, share guided or rescued, per step)
-and passk.png (pass@k before and after, avg@8 per seed).
+and passk.png (pass@k before and after, avg@8 per seed), and report.html, one page of it all
+with a few groups of every method side by side (report.py).
 
 Resumable: a run whose result.json exists is kept if it was made with the same resolved config
 as this command would use; if not, the command stops and names the keys that differ (or, with
@@ -49,6 +50,7 @@ import ampo
 import ghpo
 import infra
 import plot
+import report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
 from make_data import HARD_TYPES, MIX  # noqa: E402  (the bundled types, data/README.md)
@@ -195,6 +197,8 @@ def reuse(path: Path, cfg, rerun_stale: bool) -> dict | None:
         return None
     done = json.loads(path.read_text())
     diff = config_diff(done.get("config", {}), json.loads(json.dumps(dataclasses.asdict(cfg))))
+    # A tracker changes no result (and results made before log.report_to existed lack it).
+    diff = [k for k in diff if k != "log.report_to"]
     if not diff:
         return done
     if rerun_stale:
@@ -396,8 +400,10 @@ def main(argv=None):
     plot.plot_groups(groups, str(out / "curves.png"))
     plot.plot_groups(groups, str(out / "mechanism.png"), plot.MECHANISM)
     plot_passk(base, runs, str(out / "passk.png"))
+    (out / "report.html").write_text(report.compare_page(out))
     print(table(summary))
-    print(f"wrote {out}/results.json, results.md, curves.png, mechanism.png, passk.png")
+    print(f"wrote {out}/results.json, results.md, curves.png, mechanism.png, passk.png, "
+          f"report.html")
     return record
 
 

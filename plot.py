@@ -86,10 +86,11 @@ def color(label: str):
     return COLORS.get(label.lower())
 
 
-def plot_groups(groups: dict, out: str, panels=PANELS, smooth: int = 5) -> list[str]:
-    """One PNG of every panel some run has; groups maps a label to its runs (seeds).
-    Returns the keys drawn."""
+def plot_groups(groups: dict, out, panels=PANELS, smooth: int = 5) -> list[str]:
+    """One PNG of every panel some run has, to `out` (a path, or a file such as report.py's
+    BytesIO); groups maps a label to its runs (seeds). Returns the keys drawn."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -120,6 +121,7 @@ def plot_groups(groups: dict, out: str, panels=PANELS, smooth: int = 5) -> list[
                     ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.12)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # whole steps
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)

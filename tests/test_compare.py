@@ -29,7 +29,7 @@ def tiny_compare(tiny_model_dir, tmp_path):
               "train": {"max_steps": 1, "prompts_per_step": 2, "num_generations": 4,
                         "max_completion_length": 8, "micro_batch_size": 4, "verifier_workers": 0,
                         "learning_rate": 1e-3, "sampler": "generate", "bf16": False},
-              "eval": {"files": [data]},
+              "eval": {"files": [data]}, "log": {"sample_every": 1},
               "ghpo": {"hint_ratios": [0.5]}}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -44,6 +44,14 @@ def test_compare_writes_results_and_plots_and_resumes(tiny_compare, monkeypatch)
         assert (out / name).stat().st_size > 0, name
     for png in ("curves.png", "mechanism.png", "passk.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the comparison's page: the table, the plots inlined, the same group under each method
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 3 and "<th>avg@8</th>" in page
+    problem = json.loads((out / "grpo-seed1" / "samples.jsonl").read_text().splitlines()[0])
+    side = page[page.index("The same groups"):]
+    assert side.count(f'<p class="problem">{problem["problem"]}</p>') == 3  # one per method
+    assert all(f"<h3>{m}</h3>" in side for m in ("GRPO", "AMPO", "GHPO"))
+    assert "teacher short" in side and "hint ratio" in side  # AMPO's teachers, GHPO's stages
     saved = json.loads((out / "results.json").read_text())
     assert saved["summary"] == record["summary"]
     runs = {r["method"]: r for r in saved["runs"]}
