@@ -168,6 +168,26 @@ def test_resume_continues_the_same_tracker_run(tiny_model_dir, tmp_path, tensorb
         assert last[m["step"]]["ghpo/hinted_frac"] == pytest.approx(m["hinted_frac"])
 
 
+def test_wandb_runs_offline_and_resume_continues_its_run_id(tiny_model_dir, tmp_path):
+    """No account, no network: an offline run in <output_dir>/wandb under the id of
+    trackers.json; --resume writes the next offline segment under that same id (`wandb sync`
+    makes them one run). The figures are in wandb's own record file under TRL's names."""
+    need("wandb")
+    from test_runs import cli_args
+
+    cfg = tiny_config(tiny_model_dir, tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    args = [*cli_args(cfg), "--train.sampler=generate", "--log.report_to=wandb"]
+    run_cli("ampo.py", args + ["--train.max_steps=1"], env)
+    run_id = json.loads((tmp_path / "run" / "trackers.json").read_text())["id"]
+    run_cli("ampo.py", args + ["--train.max_steps=2", "--resume"], env)
+    segments = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2 and all(p.name.endswith(f"-{run_id}") for p in segments)
+    records = (segments[0] / f"run-{run_id}.wandb").read_bytes()
+    for name in (b"train/reward", b"train/clip_ratio/region_mean", b"ampo/guided_frac"):
+        assert name in records, name
+
+
 def test_a_missing_tracker_names_the_pip_command(tiny_model_dir, tmp_path, monkeypatch):
     from test_runs import cli_args
 
