@@ -46,6 +46,8 @@ tr.teacher td { background: #fde7c4; } tr.picked td { font-weight: bold; }
 pre { white-space: pre-wrap; margin: 0; max-height: 9em; overflow: auto; font-size: 0.85em; }
 .note { color: #666; font-size: 0.9em; }
 .side { display: grid; gap: 0.8em; }
+.side table.answers td:not(:last-child) { white-space: normal; }
+.side pre { overflow-wrap: anywhere; }
 img { max-width: 100%; }
 """
 
@@ -225,7 +227,7 @@ def side_by_side(out: Path, methods: list[str], seed: int) -> str:
         return '<p class="note">No step in every method\'s samples.jsonl.</p>'
     step = max(common)
     first = samples[methods[0]][step][:COMPARE_GROUPS]
-    cols = f"repeat({len(methods)}, 1fr)"
+    cols = f"repeat({len(methods)}, minmax(0, 1fr))"  # equal columns, however long a text
     body = [f"<h2>The same groups, each method (seed {seed}, step {step})</h2>"]
     for rec in first:
         cells = []
