@@ -43,6 +43,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import infra
 import verify
@@ -120,6 +121,12 @@ class TrainConfig:
     vllm_gpu_memory_utilization: float = 0.3  # share of each GPU the engine may take
     vllm_max_model_len: int = 0  # 0: max_prompt_length + max_completion_length
     vllm_enable_sleep_mode: bool = False  # free the engine's memory during the update
+    # The sampler is not the policy (sections 7-8): importance weights pi_old / pi_sampler on the
+    # policy's own tokens, TRL's modes (none | token_truncate | token_mask | sequence_truncate |
+    # sequence_mask) and cap. The head runs over logprob_chunk_size tokens at a time (0: all).
+    importance_sampling_mode: str = "none"
+    importance_sampling_cap: float = 3.0
+    logprob_chunk_size: int = 256
 
 
 @dataclass
@@ -177,20 +184,23 @@ TRIGGERS = ("adaptive", "hybrid", "always", "never")
 SELECTIONS = ("comprehension", "random", "dataset")
 COMPREHENSION_SCORES = ("arith", "geo")
 COMPREHENSION_INPUTS = ("span", "official")
+IS_MODES = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 ENUMS = {"model.dtype": tuple(infra.DTYPES), "train.loss_type": LOSS_TYPES,
          "train.parallelism": ("ddp", "fsdp"), "train.answer_rule": verify.RULES,
          "train.sampler": ("generate", "loop"), "ampo.trigger": TRIGGERS,
          "ampo.selection": SELECTIONS, "ampo.comprehension_score": COMPREHENSION_SCORES,
-         "ampo.comprehension_input": COMPREHENSION_INPUTS}
+         "ampo.comprehension_input": COMPREHENSION_INPUTS,
+         "train.importance_sampling_mode": IS_MODES}
 RANGES = {
     "at least 1": "train.max_steps train.prompts_per_step train.max_completion_length "
                   "train.num_minibatches train.micro_batch_size train.max_skipped_steps "
-                  "ampo.comprehension_batch_size "
+                  "ampo.comprehension_batch_size train.importance_sampling_cap "
                   "data.max_prompt_length eval.num_samples eval.prompts_per_batch",
     # A group of one is its own baseline: its advantage is always 0 (NaN with scale_rewards).
     "at least 2": "train.num_generations",
     "at least 0": "train.learning_rate train.weight_decay train.warmup_steps train.epsilon "
                   "train.epsilon_high train.beta train.verifier_workers train.vllm_max_model_len "
+                  "train.logprob_chunk_size "
                   "ampo.num_off_policy_targets ampo.max_available_targets log.sample_every "
                   "log.save_every log.keep_last eval.every eval.max_problems",
     "above 0": "train.temperature train.max_grad_norm train.verifier_timeout ampo.shaping_gamma "
@@ -225,10 +235,12 @@ def check_config(cfg: Config, world: int = 1):
 
 def generate(model, tokenizer, prompts: list[str], num_generations: int, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0):
-    """Sample G completions per prompt. Returns (completions, truncated), G per prompt in order.
+    """Sample G completions per prompt. Returns (completions, truncated, logps), G per prompt.
 
     completions[i * G + j] is the token list of answer j to prompt i, up to and including its
-    first stop token; truncated[...] is True when it hit max_new_tokens without stopping.
+    first stop token; truncated[...] is True when it hit max_new_tokens without stopping;
+    logps[...] the sampler's log-prob of each of its tokens, log softmax(logits / T) before the
+    top-p cut, as the trainer computes pi_old (section 8 compares the two).
     A vLLM engine (train.use_vllm) or the CPU decode loop (train.sampler: loop) samples instead
     when infra.attach_engine gave the policy one; both keep this contract.
     """
@@ -246,16 +258,21 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, max_new
             attention_mask=enc.attention_mask.repeat_interleave(num_generations, 0),
             do_sample=True, temperature=temperature, top_p=top_p, top_k=0,  # plain sampling
             max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
-            use_cache=True)  # [B*G, P + C]
+            use_cache=True, output_logits=True, return_dict_in_generate=True)
     model.train(was_training)
-    completions, truncated = [], []
-    for row in out[:, enc.input_ids.shape[1]:].tolist():
+    new = out.sequences[:, enc.input_ids.shape[1]:]  # [B*G, C]
+    # log softmax(logits / T) of each sampled token, one decode step ([B*G, V]) at a time
+    logps = torch.stack([(step.float() / temperature).log_softmax(-1).gather(
+        -1, new[:, t:t + 1]).squeeze(-1) for t, step in enumerate(out.logits)], 1)  # [B*G, C]
+    completions, truncated, sampler_logps = [], [], []
+    for row, lp in zip(new.tolist(), logps.tolist()):
         # Keep tokens up to the first stop token, which itself stays: the policy must learn to
         # stop, and with pad == eos a mask built from token ids would wrongly hide it.
         cut = row.index(stop) + 1 if stop in row else len(row)
         completions.append(row[:cut])
         truncated.append(stop not in row)
-    return completions, truncated
+        sampler_logps.append(lp[:cut])
+    return completions, truncated, sampler_logps
 
 
 # =============================================================================================
@@ -273,15 +290,17 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, max_new
 #   texts        the decoded answer             rewards, correct   its reward, its accuracy
 #   off_policy   True for a teacher's answer    source             "policy" or the teacher
 #   truncated    hit max_completion_length      prompts (per prompt) the text it answers
+#   sampler_logp the sampler's log-prob of each token (None for an answer it did not sample)
 #
 # Guidance edits it in place (AMPO's teachers with put_answer, sections 5-6; GHPO's hinted
 # groups in ghpo.py); the batch (section 7) turns it into tensors. Any guidance method does the
 # same: it is a rollout function for train() (section 11) that edits this record.
-SEQUENCE_KEYS = ("completions", "texts", "rewards", "correct", "off_policy", "truncated", "source")
+SEQUENCE_KEYS = ("completions", "texts", "rewards", "correct", "off_policy", "truncated", "source",
+                 "sampler_logp")
 
 
 def make_rollout(prompts, completions, texts, rewards, correct, truncated, off_policy=None,
-                 source=None) -> dict:
+                 source=None, sampler_logp=None) -> dict:
     """The rollout record, every list copied; off_policy and source default to the policy's.
 
     >>> r = make_rollout(["Q"], [[5, 2], [7, 2]], ["5", "7"], [1.0, 0.0], [True, False],
@@ -293,7 +312,8 @@ def make_rollout(prompts, completions, texts, rewards, correct, truncated, off_p
     rollout = {"prompts": list(prompts), "completions": list(completions), "texts": list(texts),
                "rewards": list(rewards), "correct": list(correct), "truncated": list(truncated),
                "off_policy": list(off_policy or [False] * n),
-               "source": list(source or ["policy"] * n)}
+               "source": list(source or ["policy"] * n),
+               "sampler_logp": list(sampler_logp or [None] * n)}
     if any(len(rollout[k]) != n for k in SEQUENCE_KEYS) or n % max(len(rollout["prompts"]), 1):
         raise ValueError(f"rollout: {n} completions, lists of other lengths, or "
                          f"{len(rollout['prompts'])} prompts that do not divide them")
@@ -308,6 +328,7 @@ def put_answer(rollout: dict, s: int, completion: list[int], text: str, reward: 
     rollout["completions"][s], rollout["texts"][s], rollout["rewards"][s] = (completion, text,
                                                                              reward)
     rollout["off_policy"][s], rollout["truncated"][s], rollout["source"][s] = True, truncated, source
+    rollout["sampler_logp"][s] = None  # no sampler: the importance correction never touches it
 
 
 def score_completions(texts: list[str], golds: list[str], cfg: TrainConfig):
@@ -326,15 +347,16 @@ def sample_groups(model, tokenizer, rows: list[dict], prompt_texts: list[str],
     """
     t, G, times = cfg.train, cfg.train.num_generations, {}
     tick = time.perf_counter()
-    completions, truncated = generate(model, tokenizer, prompt_texts, G, t.max_completion_length,
-                                      t.temperature, t.top_p)
+    completions, truncated, logps = generate(model, tokenizer, prompt_texts, G,
+                                             t.max_completion_length, t.temperature, t.top_p)
     times["generate"] = time.perf_counter() - tick
     tick = time.perf_counter()
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     golds = [row["answer"] for row in rows for _ in range(G)]
     rewards, correct = score_completions(texts, golds, t)
     times["reward"] = time.perf_counter() - tick
-    return make_rollout(prompt_texts, completions, texts, rewards, correct, truncated), times
+    return make_rollout(prompt_texts, completions, texts, rewards, correct, truncated,
+                        sampler_logp=logps), times
 
 
 # =============================================================================================
@@ -649,39 +671,76 @@ def micro_batch(batch: dict, rows: slice) -> dict:
     first = int((am[:, :P].sum(0) > 0).nonzero()[0]) if am[:, :P].any() else P
     out = {"input_ids": batch["input_ids"][rows, first:P + C],  # [b, P' + C]
            "attention_mask": am[:, first:P + C], "completion_mask": cm[:, :C]}  # [b, C]
-    for key in ("old_logp", "ref_logp", "off_policy_mask"):
+    for key in ("old_logp", "ref_logp", "off_policy_mask", "sampler_logp"):
         if batch.get(key) is not None:
             out[key] = batch[key][rows, :C]  # [b, C]
-    out.update({k: batch[k][rows] for k in ("advantages", "group_len") if k in batch})  # [b]
+    out.update({k: batch[k][rows] for k in ("advantages", "group_len", "has_sampler", "old_rows")
+                if k in batch})  # [b]
     return out
 
 
-def completion_logprobs(model, input_ids, attention_mask, num_completion: int,
-                        temperature: float = 1.0, with_entropy: bool = False):
-    """log pi(token) for the last `num_completion` columns, and optionally the entropy there.
+def token_logprobs(head, hidden, targets, temperature: float = 1.0, with_entropy: bool = False,
+                   bf16: bool = False):
+    """log pi of each target token from its final hidden state, and the entropy there.
 
-    The logit at column t predicts the token at column t + 1 (the off-by-one every RL trainer
-    has to get right), so the completion's log-probs come from the C logits before it.
+    hidden [n, H] (after the last norm), targets [n]; bf16 runs the head under bf16 autocast.
     """
-    # Left padding shifts every prompt; positions must count real tokens only.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [N, L]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=num_completion + 1, use_cache=False).logits  # [N, C + 1, V]
-    logits = logits[:, :-1].float() / temperature  # [N, C, V]
-    logp_all = logits.log_softmax(-1)  # [N, C, V]
-    targets = input_ids[:, -num_completion:]  # [N, C]
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, C]
+    with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = head(hidden)  # [n, V]
+    logp_all = (logits.float() / temperature).log_softmax(-1)  # [n, V]
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [n]
     if not with_entropy:
         return logp, None
     # H = -sum_v p_v log p_v
-    entropy = -(logp_all.exp() * logp_all).sum(-1)  # [N, C]
+    return logp, -(logp_all.exp() * logp_all).sum(-1)  # [n], [n]
+
+
+def completion_logprobs(model, input_ids, attention_mask, num_completion: int,
+                        temperature: float = 1.0, with_entropy: bool = False,
+                        chunk_size: int = 0):
+    """log pi(token) for the last `num_completion` columns, and optionally the entropy there.
+
+    The logit at column t predicts the token at column t + 1 (the off-by-one every RL trainer
+    has to get right), so the completion's log-probs come from the C hidden states before it.
+    The vocabulary head is the pass's largest activation: [N, C, V] logits, and the float32
+    log-softmax, its exp and the entropy's product are each one more copy (bench/memory.py
+    counts them). So the model returns its final hidden states only (logits_to_keep=[]: its
+    head runs over no column) and the head runs here over chunk_size tokens at a time (0: all
+    at once). With gradients each chunk is recomputed in the backward (torch.utils.checkpoint)
+    instead of kept: no [N, C, V] tensor lives, forward or backward. Same values, same
+    gradients (tests/test_ampo.py); the price is one more head forward per chunk.
+    """
+    # Left padding shifts every prompt; positions must count real tokens only.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [N, L]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device),
+                output_hidden_states=True, use_cache=False)
+    N, C = input_ids.shape[0], num_completion
+    hidden = out.hidden_states[-1][:, -C - 1:-1]  # [N, C, H], after the last norm
+    hidden = hidden.reshape(N * C, -1)  # [N*C, H]
+    targets = input_ids[:, -C:].reshape(N * C)  # [N*C]
+    bf16 = out.logits.dtype == torch.bfloat16  # the model's own head ran under autocast: ours too
+    del out  # the other layers' hidden states (a no-grad pass keeps nothing else)
+    head = getattr(model, "module", model).get_output_embeddings()  # DDP wraps it in .module
+    size, recompute = chunk_size or N * C, chunk_size > 0 and torch.is_grad_enabled()
+    parts = []
+    for s in range(0, N * C, size):
+        args = (head, hidden[s:s + size], targets[s:s + size], temperature, with_entropy, bf16)
+        parts.append(checkpoint(token_logprobs, *args, use_reentrant=False) if recompute
+                     else token_logprobs(*args))
+    logp = torch.cat([p[0] for p in parts]).view(N, C)  # [N, C]
+    entropy = torch.cat([p[1] for p in parts]).view(N, C) if with_entropy else None  # [N, C]
     return logp, entropy
 
 
 def build_batch(tokenizer, rollout: dict, cfg: TrainConfig) -> dict:
     """Padded tensors, group advantages and group lengths (group_mean) for the training step.
 
-    Each group is laid out behind the prompt it was sampled from (rollout["prompts"]).
+    Each group is laid out behind the prompt it is trained on (rollout["prompts"]). The
+    sampler's log-probs go in sampler_logp [N, C] (0 where it has none: teachers, padding),
+    with has_sampler [N]. A group sampled from another prompt than it is trained on
+    (rollout["sampled_prompts"], GHPO's original_prompt_is) also gets that layout, as
+    batch["sampled_context"] = (its rows, their batch): add_logprobs takes pi_old there.
     """
     G = cfg.num_generations
     prompt_ids = tokenizer(rollout["prompts"], add_special_tokens=False)["input_ids"]
@@ -691,12 +750,28 @@ def build_batch(tokenizer, rollout: dict, cfg: TrainConfig) -> dict:
     rewards = torch.tensor(rollout["rewards"], dtype=torch.float32)  # [N]
     off = torch.tensor(rollout["off_policy"]).unsqueeze(-1) & completion_mask  # [N, C]
     group_len = completion_mask.sum(-1).float().view(-1, G).mean(-1).repeat_interleave(G)  # [N]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "group_len": group_len,
-            "completion_mask": completion_mask, "off_policy_mask": off,
-            "advantages": group_advantages(rewards, G, cfg.scale_rewards)}  # [N]
+    sampler_logp = torch.zeros(completion_mask.shape)  # [N, C]
+    for i, lp in enumerate(rollout["sampler_logp"]):
+        if lp is not None:
+            sampler_logp[i, :len(lp)] = torch.tensor(lp)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "group_len": group_len,
+             "completion_mask": completion_mask, "off_policy_mask": off,
+             "sampler_logp": sampler_logp,  # [N, C]
+             "has_sampler": torch.tensor([lp is not None for lp in rollout["sampler_logp"]]),
+             "advantages": group_advantages(rewards, G, cfg.scale_rewards)}  # [N]
+    sampled = rollout.get("sampled_prompts", rollout["prompts"])
+    moved = [i * G + j for i, (a, b) in enumerate(zip(sampled, rollout["prompts"])) if a != b
+             for j in range(G)]
+    if moved:
+        ids = tokenizer([sampled[s // G] for s in moved], add_special_tokens=False)["input_ids"]
+        ctx = pad_sequences(ids, [rollout["completions"][s] for s in moved], tokenizer.pad_token_id)
+        batch["sampled_context"] = (moved, dict(zip(("input_ids", "attention_mask",
+                                                     "completion_mask"), ctx)))
+    return batch
 
 
-def sequence_logprobs(model, batch: dict, micro_batch_size: int, temperature: float):
+def sequence_logprobs(model, batch: dict, micro_batch_size: int, temperature: float,
+                      chunk_size: int = 0):
     """log pi of every completion token of a batch without gradients (old or reference policy)."""
     N, C = batch["completion_mask"].shape
     out = torch.zeros((N, C))  # [N, C]
@@ -705,7 +780,8 @@ def sequence_logprobs(model, batch: dict, micro_batch_size: int, temperature: fl
             mb = micro_batch(batch, slice(s, s + micro_batch_size))
             c = mb["completion_mask"].shape[1]
             logp, _ = completion_logprobs(model, mb["input_ids"].to(model.device),
-                                          mb["attention_mask"].to(model.device), c, temperature)
+                                          mb["attention_mask"].to(model.device), c, temperature,
+                                          chunk_size=chunk_size)
             out[s:s + micro_batch_size, :c] = logp.cpu()
     return out
 
@@ -716,12 +792,25 @@ def add_logprobs(batch: dict, policy, ref_model, cfg: TrainConfig) -> dict:
     pi_old needs its own no-grad pass only when a step makes more than one update: after the
     first optimizer step the policy is no longer the one that sampled. With one update per
     step (num_minibatches 1) pi_old IS the policy, so the ratio is exactly 1 and the training
-    step takes logp.detach() instead, saving a whole forward pass over the batch.
+    step takes logp.detach() instead, saving a whole forward pass over the batch. Rows trained
+    behind another prompt than they were sampled from (batch["sampled_context"]) are the
+    exception: their pi_old is the policy's log-prob behind the prompt that sampled them, so
+    the ratio becomes pi_theta(o | trained prompt) / pi_old(o | sampled prompt) (old_rows [N]
+    marks the rows whose pi_old is given).
     """
-    batch["old_logp"] = (sequence_logprobs(policy, batch, cfg.micro_batch_size, cfg.temperature)
-                         if cfg.num_minibatches > 1 else None)
+    N, k = batch["completion_mask"].shape[0], cfg.logprob_chunk_size
+    batch["old_logp"] = (sequence_logprobs(policy, batch, cfg.micro_batch_size, cfg.temperature,
+                                           k) if cfg.num_minibatches > 1 else None)
+    batch["old_rows"] = torch.full((N,), cfg.num_minibatches > 1)  # [N]
+    if "sampled_context" in batch:
+        rows, ctx = batch["sampled_context"]
+        old = batch["old_logp"] if batch["old_logp"] is not None else torch.zeros(
+            batch["completion_mask"].shape)  # [N, C]
+        there = sequence_logprobs(policy, ctx, cfg.micro_batch_size, cfg.temperature, k)  # [n, c]
+        old[rows, :there.shape[1]] = there
+        batch["old_logp"], batch["old_rows"][rows] = old, True
     batch["ref_logp"] = (sequence_logprobs(ref_model, batch, cfg.micro_batch_size,
-                                           cfg.temperature) if ref_model is not None else None)
+                                           cfg.temperature, k) if ref_model is not None else None)
     return batch
 
 
@@ -778,6 +867,45 @@ def per_token_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages
     # l_teacher = -A f(p)
     off = -A * shaping(logp.exp(), gamma)  # [B, T]
     return torch.where(off_policy_mask, off, on)  # [B, T]
+
+
+# The sampler is not pi_old. The answers came from sampler.py's bfloat16 copy (or vLLM), mu,
+# while the loss takes pi_old from the float32 policy, so a student token's loss is off by the
+# factor pi_old / mu that the PPO ratio (1 on the first update) never shows. TRL and verl
+# weight each student token's loss by it, bounded by a cap C (train.importance_sampling_*):
+#
+#   token_truncate:    w_t = min(r_t, C)              r_t = pi_old(o_t) / mu(o_t)
+#   token_mask:        w_t = r_t if r_t <= C else 0
+#   sequence_truncate: w_t = min(R, C)                R = prod_t r_t, the whole answer's ratio
+#   sequence_mask:     w_t = R if R <= C else 0
+#
+# Teacher tokens have no sampler (put_answer): their weight is 1, as for mode none.
+
+
+def importance_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                       mode: str = "none", cap: float = 3.0):
+    """(w, r): the weights [B, T] of the student tokens (1 elsewhere) and the ratios they come
+    from ([B, T] per token, or each sequence's R repeated over its tokens). mask: [B, T] True
+    on the tokens to correct (the policy's own, with a sampler log-prob).
+
+    >>> old, mu = torch.log(torch.tensor([[0.5, 0.2]])), torch.log(torch.tensor([[0.1, 0.4]]))
+    >>> m = torch.tensor([[True, True]])  # r = [5, 0.5], R = 2.5
+    >>> [[round(x, 3) for x in importance_weights(old, mu, m, k, 3.0)[0][0].tolist()]
+    ...  for k in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")]
+    [[3.0, 0.5], [0.0, 0.5], [2.5, 2.5], [2.5, 2.5]]
+    """
+    d = (old_logp - sampler_logp) * mask  # [B, T] log r_t, 0 where nothing is corrected
+    if mode.startswith("sequence"):
+        d = d.sum(-1, keepdim=True).expand_as(d)  # [B, T] log R on every token
+    ratio = torch.exp(d.clamp(max=20.0))  # [B, T]
+    if mode == "none":
+        return torch.ones_like(ratio), ratio
+    if mode.endswith("truncate"):
+        return ratio.clamp(max=cap), ratio
+    if mode.endswith("mask"):
+        return torch.where(ratio <= cap, ratio, torch.zeros_like(ratio)), ratio
+    raise ValueError(f"config key train.importance_sampling_mode: {'|'.join(IS_MODES)}, "
+                     f"got {mode!r}")
 
 
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str,
@@ -856,15 +984,25 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
             with (model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()):
                 mask = mb["completion_mask"]  # [b, c]
                 logp, entropy = completion_logprobs(model, mb["input_ids"], mb["attention_mask"],
-                                                    mask.shape[1], cfg.temperature,
-                                                    with_entropy=True)  # [b, c], [b, c]
+                                                    mask.shape[1], cfg.temperature, True,
+                                                    cfg.logprob_chunk_size)  # [b, c], [b, c]
                 # With one mini-batch per step pi_old is the policy itself, and the ratio is
-                # exactly 1: no need for a separate no-grad pass, logp.detach() is pi_old.
-                old = mb["old_logp"] if "old_logp" in mb else logp.detach()  # [b, c]
+                # exactly 1: no need for a separate no-grad pass, logp.detach() is pi_old
+                # (except for rows whose pi_old was taken behind another prompt: old_rows).
+                old = logp.detach()  # [b, c]
+                if "old_logp" in mb:  # [b, c]: every row's (old_rows absent) or some rows'
+                    given = mb.get("old_rows", torch.ones_like(mb["advantages"], dtype=torch.bool))
+                    old = torch.where(given.unsqueeze(-1), mb["old_logp"], old)
                 per_token = per_token_policy_loss(logp, old, mb["advantages"],
                                                   mb["off_policy_mask"], cfg.epsilon,
                                                   cfg.epsilon_high, cfg.clip_ratio_c,
                                                   gamma)  # [b, c]
+                # l = w * l, w = pi_old / mu bounded (importance_weights; 1 with mode none)
+                sampled = mask & ~mb["off_policy_mask"] & mb["has_sampler"].unsqueeze(-1)
+                w, r = importance_weights(old, mb["sampler_logp"], sampled,
+                                          cfg.importance_sampling_mode,
+                                          cfg.importance_sampling_cap)  # [b, c], [b, c]
+                per_token = w * per_token  # [b, c]
                 pg_loss = aggregate_loss(per_token, mask, cfg.loss_type, **norm)
                 # Entropy bonus: a token mean over all completion tokens, teacher tokens included.
                 ent = aggregate_loss(entropy, mask, "dapo", **norm)
@@ -894,6 +1032,20 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
                 # verl's ppo_kl: mean of log pi_old - log pi; pg_clipfrac_lower: A < 0 and r > c
                 stats["ppo_kl"] += float(((old - logp).clamp(-20, 20) * on).sum())
                 stats["dual_clip_num"] += float(((ratio > cfg.clip_ratio_c) & (A < 0) & on).sum())
+                # The sampler's mismatch: |log mu - log pi_old|, and KL(mu || pi_old) by k3,
+                # E_mu[r - 1 - log r] with r = pi_old / mu, over the tokens it sampled.
+                d = (old - mb["sampler_logp"])[sampled]  # [n]
+                stats["is_tokens"] += float(d.numel())
+                stats["is_diff_sum"] += float(d.abs().sum())
+                stats["is_kl_sum"] += float((d.exp() - 1 - d).sum())
+                stats["is_ratio_sum"] += float(r[sampled].sum())
+                if cfg.importance_sampling_mode != "none":  # truncated or masked weights
+                    stats["is_capped"] += float((w != r)[sampled].sum())
+                if d.numel():  # the extremes of this rank's tokens (rank 0's are logged)
+                    stats["is_diff_max"] = max(stats["is_diff_max"], float(d.abs().max()))
+                    stats["is_ratio_max"] = max(stats["is_ratio_max"], float(r[sampled].max()))
+                    stats["is_ratio_min"] = min(stats.get("is_ratio_min", math.inf),
+                                                float(r[sampled].min()))
         # Gradients are identical on every rank now, so is their norm, so is the update.
         params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -909,7 +1061,8 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
         stats["updates"] += 1
     # Sums over ranks: each rank's loss is its share of the global loss, and counts add up.
     keys = ["loss", "entropy", "kl", "clip_num", "on_tokens", "teacher_p_sum", "off_tokens",
-            "ppo_kl", "dual_clip_num"]
+            "ppo_kl", "dual_clip_num", "is_tokens", "is_diff_sum", "is_kl_sum", "is_ratio_sum",
+            "is_capped"]
     for key, total in zip(keys, all_sum([stats[k] for k in keys])):
         stats[key] = total
     u = stats["updates"]
@@ -920,6 +1073,13 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
            "pg_clipfrac_lower": stats["dual_clip_num"] / max(stats["on_tokens"], 1),
            "teacher_token_p": (stats["teacher_p_sum"] / stats["off_tokens"]
                                if stats["off_tokens"] else float("nan"))}
+    # TRL's sampling/sampling_logp_difference/* and sampling/importance_sampling_ratio/*
+    n = max(stats["is_tokens"], 1)
+    out.update(sampling_logp_diff_mean=stats["is_diff_sum"] / n,
+               sampling_logp_diff_max=stats["is_diff_max"], sampling_kl=stats["is_kl_sum"] / n,
+               is_ratio_mean=stats["is_ratio_sum"] / n, is_ratio_max=stats["is_ratio_max"],
+               is_ratio_min=stats.get("is_ratio_min", float("nan")),
+               is_capped_frac=stats["is_capped"] / n)
     if "ref_logp" in batch and batch["ref_logp"] is not None:
         out["kl"] = stats["kl"] / u
     return out
@@ -947,7 +1107,8 @@ def check_update(policy, batch: dict, update: dict, skipped_in_a_row: int,
     with torch.no_grad():
         logp, _ = completion_logprobs(policy, probe["input_ids"].to(policy.device),
                                       probe["attention_mask"].to(policy.device),
-                                      probe["completion_mask"].shape[1], cfg.temperature)
+                                      probe["completion_mask"].shape[1], cfg.temperature,
+                                      chunk_size=cfg.logprob_chunk_size)
     if not torch.isfinite(logp).all():
         raise RuntimeError(f"training diverged: the updated weights give non-finite log-probs "
                            f"(train.learning_rate = {cfg.learning_rate} too high?); nothing of "
@@ -998,8 +1159,8 @@ def evaluate(model, tokenizer, cfg: Config, path: str, rank: int = 0, world: int
     correct = []
     for start in range(0, len(rows), e.prompts_per_batch):
         chunk = rows[start:start + e.prompts_per_batch]
-        completions, _ = generate(model, tokenizer, prompts[start:start + e.prompts_per_batch], n,
-                                  t.max_completion_length, e.temperature, e.top_p)
+        completions = generate(model, tokenizer, prompts[start:start + e.prompts_per_batch], n,
+                               t.max_completion_length, e.temperature, e.top_p)[0]
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         golds = [r["answer"] for r in chunk for _ in range(n)]
         correct += verify.verify_batch(texts, golds, workers=t.verifier_workers,

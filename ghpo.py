@@ -55,7 +55,7 @@ class GHPOConfig:
     hint_unit: str = "char"  # char: round(len * ratio) characters (the code) | token
     hint_includes_answer: bool = False  # official: true (the hint may reach \boxed{answer})
     start_hint_step: int = 0  # steps of plain GRPO before hints start (paper: 20)
-    loss_context: str = "sampled_prompt"  # sampled_prompt | original_prompt | code_quirk
+    loss_context: str = "sampled_prompt"  # sampled_prompt | original_prompt(_is) | code_quirk
     skip_unparsed_gold: bool = True  # official: a gold math-verify cannot parse is never trained
 
 
@@ -77,7 +77,8 @@ class Config(ampo.Config):
     ghpo: GHPOConfig = field(default_factory=GHPOConfig)
 
 
-LOSS_CONTEXTS = ("sampled_prompt", "original_prompt", "code_quirk")  # see section 4
+LOSS_CONTEXTS = ("sampled_prompt", "original_prompt", "original_prompt_is",
+                 "code_quirk")  # see section 4
 
 
 def check_config(cfg: Config, world: int = 1):
@@ -271,7 +272,19 @@ def escalate(correct, group_size: int, ratios, regenerate):
 # trained as if the policy had produced it unaided. `code_quirk` reproduces that;
 # `original_prompt` trains every group on the original question (the "Guide" paper's context,
 # without its importance correction). With one update per batch the ratio is 1 either way, so
-# both are numerically safe; they differ in what is learned.
+# both are numerically safe; they differ in what is learned. Both are off-policy: the answer
+# came from pi(. | q + hint), and the loss treats it as a sample of pi(. | q).
+#
+# `original_prompt_is` is Guide's correction (Nath et al., arXiv 2506.13923): train on the
+# original question q, with pi_old taken behind the prompt that sampled the answer, q + hint,
+# so the PPO ratio of a hinted answer's token is
+#
+#   r_t = pi_theta(o_t | q, o_<t) / pi_old(o_t | q + hint, o_<t)
+#
+# clipped as usual. On the first update r_t = pi(o_t | q) / pi(o_t | q + hint): small where
+# the hint made a token likely. ampo.add_logprobs takes that pi_old (rollout["sampled_prompts"]
+# names the prompt each group was sampled from); ppo_kl and clip_frac show how far apart the
+# two contexts are.
 
 
 def loss_ratios(group_ratios, last_ran: float | None, mode: str = "sampled_prompt"):
@@ -287,7 +300,7 @@ def loss_ratios(group_ratios, last_ran: float | None, mode: str = "sampled_promp
     """
     if mode == "sampled_prompt":
         return list(group_ratios)
-    if mode == "original_prompt":
+    if mode in ("original_prompt", "original_prompt_is"):
         return [0.0] * len(group_ratios)
     if mode == "code_quirk":
         return [r if r == last_ran else 0.0 for r in group_ratios]
@@ -337,6 +350,8 @@ def rollout_step(model, tokenizer, rows: list[dict], prompt_texts: list[str], cf
     group_ratio, stages = escalate(rollout["correct"], G, ratios, regenerate)
     # The loss context: keep the hinted prompt, or go back to the original (see section 4).
     last_ran = max((s["ratio"] for s in stages if s["hard"]), default=None)
+    if g.loss_context == "original_prompt_is":  # pi_old behind the prompts that sampled
+        rollout["sampled_prompts"] = list(rollout["prompts"])
     for i, r in enumerate(loss_ratios(group_ratio, last_ran, g.loss_context)):
         if r == 0.0:
             rollout["prompts"][i] = prompt_texts[i]

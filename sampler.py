@@ -21,8 +21,10 @@ each measured side by side in bench/rollout.py:
 Is sampling from a bfloat16 copy on-policy? Nearly: bfloat16 keeps about three significant
 digits, so the copy's probabilities differ a little from the float32 policy's (gold-token
 probabilities moved by up to 0.05 in bench/comprehension.py), the same mismatch as a bf16 vLLM
-engine beside an fp32 trainer. The loss never uses the sampler's probabilities: pi_old is the training policy's own
-log-prob (ampo.add_logprobs), so the ratio stays exactly 1 on the first update.
+engine beside an fp32 trainer. pi_old is the training policy's own log-prob (ampo.add_logprobs),
+so the PPO ratio stays exactly 1 on the first update; the sampler's own log-probs come back
+with every answer, and train.importance_sampling_mode corrects the loss for the difference
+(ampo.py section 8), with the mismatch logged every step either way.
 """
 
 from __future__ import annotations
@@ -54,30 +56,34 @@ def refresh(sampler, policy):
 
 
 def sample_next(logits, temperature: float, top_p: float):
-    """One token per row from softmax(logits / T), restricted to the top-p nucleus.
+    """One token per row from softmax(logits / T), restricted to the top-p nucleus, and its
+    log-prob log softmax(logits / T) before the nucleus cut (what the trainer's pi_old is).
 
     >>> _ = torch.manual_seed(0)
-    >>> sample_next(torch.tensor([[0.0, 9.0, 0.0], [9.0, 0.0, 0.0]]), 1.0, 0.5).tolist()
-    [1, 0]
+    >>> tokens, logp = sample_next(torch.tensor([[0.0, 9.0, 0.0], [9.0, 0.0, 0.0]]), 1.0, 0.5)
+    >>> tokens.tolist(), [round(x, 4) for x in logp.tolist()]
+    ([1, 0], [-0.0002, -0.0002])
     """
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [n, V]
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)  # [n, V]
+    probs = logp_all.exp()  # [n, V]
     if top_p < 1.0:
         # keep the most likely tokens until their mass reaches top_p (the first always stays)
         sorted_p, order = probs.sort(dim=-1, descending=True)  # [n, V]
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # [n, V]
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))  # [n, V]
-    return torch.multinomial(probs, 1).squeeze(-1)  # [n]
+    tokens = torch.multinomial(probs, 1).squeeze(-1)  # [n]
+    return tokens, logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [n], [n]
 
 
 def generate(sampler, tokenizer, prompts: list[str], num_generations: int, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0):
-    """ampo.generate's contract: (completions, truncated), G per prompt in prompt order, each
-    completion up to and including its first stop token."""
+    """ampo.generate's contract: (completions, truncated, logps), G per prompt in prompt order,
+    each completion up to and including its first stop token, logps its tokens' log-probs."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                     add_special_tokens=False)
     G, stop = num_generations, tokenizer.eos_token_id
     N = enc.input_ids.shape[0] * G
-    completions = [[] for _ in range(N)]
+    completions, logps = [[] for _ in range(N)], [[] for _ in range(N)]
     alive = torch.arange(N)  # [n] which sequences are still being decoded
     cache = DynamicCache(config=sampler.config)
     # Left padding shifts every prompt; positions count real tokens only.
@@ -94,9 +100,10 @@ def generate(sampler, tokenizer, prompts: list[str], num_generations: int, max_n
         mask = enc.attention_mask.repeat_interleave(G, 0)  # [N, P]
         positions = positions[:, -1:].repeat_interleave(G, 0)  # [N, 1]
         for step in range(max_new_tokens):
-            tokens = sample_next(logits, temperature, top_p)  # [n]
-            for row, tok in zip(alive.tolist(), tokens.tolist()):
+            tokens, logp = sample_next(logits, temperature, top_p)  # [n], [n]
+            for row, tok, lp in zip(alive.tolist(), tokens.tolist(), logp.tolist()):
                 completions[row].append(tok)
+                logps[row].append(lp)
             keep = tokens != stop  # [n]
             if not keep.all():  # finished rows leave the batch and the cache
                 alive, tokens, mask, positions = alive[keep], tokens[keep], mask[keep], positions[keep]
@@ -108,4 +115,4 @@ def generate(sampler, tokenizer, prompts: list[str], num_generations: int, max_n
             logits = sampler(input_ids=tokens.unsqueeze(-1), attention_mask=mask,
                              position_ids=positions, past_key_values=cache).logits[:, -1]  # [n, V]
     truncated = [not c or c[-1] != stop for c in completions]
-    return completions, truncated
+    return completions, truncated, logps

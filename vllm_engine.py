@@ -91,6 +91,9 @@ def engine_settings(model_path: str, cfg) -> dict:
         max_model_len=t.vllm_max_model_len or (cfg.data.max_prompt_length
                                                + t.max_completion_length),
         enable_sleep_mode=t.vllm_enable_sleep_mode,
+        # Sampled tokens' log-probs after temperature (and, with top_p < 1, after the nucleus
+        # cut, unlike sampler.py's), for the importance correction (ampo.py section 8).
+        logprobs_mode="processed_logprobs",
         # G answers per prompt share their prompt: the prefix cache computes it once.
         enable_prefix_caching=True,
         # Sample in the dtype the policy computes in (train.bf16: bfloat16 matmuls).
@@ -131,7 +134,10 @@ def make_engine(model_path: str, cfg):
 
 def generate(engine, tokenizer, prompts: list[str], num_generations: int, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0):
-    """ampo.generate's contract: (completions, truncated), G per prompt, in prompt order."""
+    """ampo.generate's contract: (completions, truncated, logps), G per prompt, in prompt order.
+
+    logps: vLLM's log-prob of each sampled token (logprobs=0 asks for the sampled one only),
+    after temperature (engine_settings sets logprobs_mode to processed_logprobs)."""
     from vllm import SamplingParams
 
     # The prompts are chat-formatted text already: token ids exactly as ampo.generate makes
@@ -140,16 +146,19 @@ def generate(engine, tokenizer, prompts: list[str], num_generations: int, max_ne
     # Plain sampling as in ampo.generate: top_k 0 (off), no repetition penalty; vLLM takes the
     # model's generation_config defaults only when no SamplingParams is given.
     params = SamplingParams(n=num_generations, temperature=temperature, top_p=top_p, top_k=0,
-                            max_tokens=max_new_tokens, stop_token_ids=[tokenizer.eos_token_id])
+                            max_tokens=max_new_tokens, stop_token_ids=[tokenizer.eos_token_id],
+                            logprobs=0)
     outputs = engine.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
-    completions, truncated = [], []
+    completions, truncated, logps = [], [], []
     for out in outputs:  # one RequestOutput per prompt, in order, with n samples each
         for sample in out.outputs:
             tokens, cut = to_completion(sample.token_ids, sample.finish_reason,
                                         tokenizer.eos_token_id)
             completions.append(tokens)
             truncated.append(cut)
-    return completions, truncated
+            # one {token id: Logprob} per position; the sampled token is always in it
+            logps.append([lp[t].logprob for lp, t in zip(sample.logprobs, tokens)])
+    return completions, truncated, logps
 
 
 def push_weights(engine, policy):

@@ -90,7 +90,7 @@ def hf_sampler(model_path: str, max_new_tokens: int, temperature: float, templat
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             prompts = [infra.build_prompt(tokenizer, r, template, None) for r in chunk]
-            completions, _ = ampo.generate(model, tokenizer, prompts, n, max_new_tokens,
+            completions, _, _ = ampo.generate(model, tokenizer, prompts, n, max_new_tokens,
                                            temperature)
             texts += tokenizer.batch_decode(completions, skip_special_tokens=True)
         return [texts[i * n:(i + 1) * n] for i in range(len(rows))]

@@ -48,7 +48,8 @@ def global_batch(vocab: int) -> dict:
     group_len = completion_mask.sum(-1).float().view(2, 4).mean(-1).repeat_interleave(4)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "group_len": group_len,
             "completion_mask": completion_mask, "off_policy_mask": off[:, None] & completion_mask,
-            "advantages": ampo.group_advantages(rewards, 4), "old_logp": None, "ref_logp": None}
+            "advantages": ampo.group_advantages(rewards, 4), "old_logp": None, "ref_logp": None,
+            "sampler_logp": torch.zeros(completion_mask.shape), "has_sampler": torch.zeros(8) > 0}
 
 
 def step(model_dir: str, out: str, loss_type: str, parallelism: str):
@@ -86,7 +87,8 @@ def guide(model_dir: str, out: str):
     correct = [False] * 4 if rank == 0 else [False, True, False, False]
     rollout = {"completions": [[7]] * 4, "rewards": [float(c) for c in correct],
                "correct": correct, "off_policy": [False] * 4, "truncated": [False] * 4,
-               "source": ["policy"] * 4, "texts": ["x"] * 4}
+               "source": ["policy"] * 4, "texts": ["x"] * 4,
+               "sampler_logp": [None] * 4}
     model = infra.wrap_model(policy, cfg.train)
     metrics = ampo.apply_guidance(rollout, [row], prompts, model, tokenizer, cfg,
                                   random.Random(0), infra.lockstep_fn(model))
@@ -105,7 +107,7 @@ def evaluate(model_dir: str, path: str, plan_json: str, out: str):
             gold, c = next(v for q, v in plan.items() if q in p)
             out += [tok(f"\\boxed{{{gold if j < c else -1}}}", add_special_tokens=False)
                     ["input_ids"] + [tok.eos_token_id] for j in range(n)]
-        return out, [False] * len(out)
+        return out, [False] * len(out), [None] * len(out)
 
     ampo.generate = scripted
     cfg = ampo.Config()

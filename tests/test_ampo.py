@@ -449,7 +449,7 @@ def test_generate_stops_at_eos_and_flags_truncation(tiny):
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
                                      add_generation_prompt=True, tokenize=False)
     torch.manual_seed(0)
-    comps, trunc = ampo.generate(model, tok, [prompt, prompt + "So"], 3, 6)
+    comps, trunc, _ = ampo.generate(model, tok, [prompt, prompt + "So"], 3, 6)
     assert len(comps) == 6 and len(trunc) == 6
     for c, t in zip(comps, trunc):
         assert 1 <= len(c) <= 6
@@ -596,7 +596,8 @@ def test_apply_guidance_replaces_wrong_rollouts_with_ranked_teachers(tiny, tmp_p
     # group 0: all wrong -> guided; group 1: one right -> untouched
     rollout = {"completions": [[7]] * 8, "rewards": [0.0] * 5 + [1.0, 0.0, 0.0],
                "correct": [False] * 5 + [True, False, False], "off_policy": [False] * 8,
-               "truncated": [True] * 8, "source": ["policy"] * 8, "texts": ["x"] * 8}
+               "truncated": [True] * 8, "source": ["policy"] * 8, "texts": ["x"] * 8,
+               "sampler_logp": [None] * 8}
     m = ampo.apply_guidance(rollout, rows, prompts, model, tok, cfg, random.Random(0))
     assert m["guided_frac"] == 0.5
     assert sum(rollout["off_policy"][:4]) == 2 and not any(rollout["off_policy"][4:])
@@ -621,7 +622,7 @@ def test_apply_guidance_official_rule_scores_at_the_rollout_temperature(tiny, tm
                                          ("tags", "2 + 3 = 5. <answer>5</answer>")]}]
     rollout = {"completions": [[7]] * 4, "rewards": [0.0] * 4, "correct": [False] * 4,
                "off_policy": [False] * 4, "truncated": [True] * 4, "source": ["policy"] * 4,
-               "texts": ["x"] * 4}
+               "texts": ["x"] * 4, "sampler_logp": [None] * 4}
     m = ampo.apply_guidance(rollout, rows, [prompt], model, tok, cfg, random.Random(0))
     # boxed: no <answer> tag, no format: 0; tags: T = train.temperature (official
     # mix_fsdp_worker.py L811), format 1
@@ -635,7 +636,7 @@ def train_once(model, tok, cfg, rollout_rows, off_policy, rewards, old=True):
     G = cfg.train.num_generations
     comps = [[10 + (i % 5), 20 + i, tok.eos_token_id][: 1 + i % 3] for i in range(len(rewards))]
     rollout = {"prompts": rollout_rows, "completions": comps, "rewards": rewards,
-               "off_policy": off_policy}
+               "off_policy": off_policy, "sampler_logp": [None] * len(rewards)}
     batch = ampo.build_batch(tok, rollout, cfg.train)
     batch["old_logp"] = (ampo.sequence_logprobs(model, batch, 2, 1.0) if old else None)
     batch["ref_logp"] = None
@@ -696,7 +697,7 @@ def test_group_mean_is_the_official_ghpo_loss(tiny, tmp_path):
     lengths = [1, 2, 1, 1, 8, 6, 8, 7, 3, 5, 4, 2]  # a short group, a long one, a middle one
     comps = [[10 + (i + j) % 40 for j in range(n)] for i, n in enumerate(lengths)]
     rollout = {"prompts": ["a b c", "d e", "f"], "completions": comps, "off_policy": [False] * 12,
-               "rewards": [1.0, 0, 0, 1, 0, 1, 1, 0, 1, 0, 0, 0]}
+               "rewards": [1.0, 0, 0, 1, 0, 1, 1, 0, 1, 0, 0, 0], "sampler_logp": [None] * 12}
     batch = ampo.build_batch(tok, rollout, cfg.train)
     batch["old_logp"] = batch["ref_logp"] = None
     ours, _ = step_gradients(model, batch, cfg.train)
@@ -870,7 +871,7 @@ def test_evaluate_scores_a_scripted_policy(tiny_model_dir, tmp_path, monkeypatch
             for j in range(n):
                 text = "\\boxed{5}" if "2 + 3" in p and j % 2 == 0 else "\\boxed{0}"
                 out.append(tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-        return out, [False] * len(out)
+        return out, [False] * len(out), [None] * len(out)
 
     monkeypatch.setattr(ampo, "generate", scripted)
     path = write_jsonl(tmp_path / "test.jsonl", [{"problem": "What is 2 + 3?", "answer": "5"},
@@ -918,7 +919,7 @@ def scripted_answers(tok, plan: dict):
             for j in range(n):
                 text = f"\\boxed{{{gold}}}" if j < c else "\\boxed{-1}"
                 out.append(tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-        return out, [False] * len(out)
+        return out, [False] * len(out), [None] * len(out)
     return scripted
 
 

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+import ampo
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -58,5 +60,23 @@ def test_step_vs_trl_bench_runs_both_sides(tmp_path):
 def test_memory_bench_measures_every_phase(tmp_path):
     rows = run_bench("memory", tmp_path)
     assert [r["phase"].split(" (")[0] for r in rows] == [
-        "load model", "rollout", "teacher scoring", "batch", "update", "log-prob pass alone"]
+        "load model", "rollout", "teacher scoring", "batch", "update"] + [
+        "log-prob pass alone"] * 4
+    # the pass alone: all at once and in chunks, each without and with gradient checkpointing
+    assert [r["phase"].split("), ")[1] for r in rows[5:]] == [
+        f"chunk {c}, gradient checkpointing {g}" for g in ("off", "on") for c in ("none", 256)]
     assert all(r["peak_gib"] > 0 for r in rows) and rows[-1]["float32_NxCxV_gib"] > 0
+
+
+def test_off_policy_bench_measures_the_mismatch_and_both_costs(tmp_path):
+    rows = run_bench("off_policy", tmp_path)
+    by = {r["what"]: r for r in rows}
+    for level in ("token", "sequence"):
+        r = by[f"ratio pi_old / mu per {level}"]
+        assert 0 < r["min"] <= r["median"] <= r["max"] and r["n"] > 0
+    updates = [r for r in rows if r["what"].startswith("update")]
+    assert [r["what"].split()[-1] for r in updates] == list(ampo.IS_MODES)
+    assert by["update, importance_sampling_mode none"]["ratio_to_none"] == 1.0
+    assert all(0 <= r["capped_frac_cap_3"] <= 1 for r in updates)
+    passes = [r for r in rows if r["what"].startswith("log-prob pass")]
+    assert len(passes) == 4 and all(r["s"] > 0 for r in passes)

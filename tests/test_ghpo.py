@@ -186,7 +186,7 @@ def scripted_generate(tok):
                 text = f"\\boxed{{{answer}}}" if knows and j % 2 == 0 else "\\boxed{0}"
                 completions.append(tok(text, add_special_tokens=False)["input_ids"]
                                    + [tok.eos_token_id])
-        return completions, [False] * len(completions)
+        return completions, [False] * len(completions), [None] * len(completions)
     return generate
 
 
@@ -259,6 +259,42 @@ def test_loss_context_switches(tiny_model_dir, tmp_path, monkeypatch, mode, hint
             assert rollout["prompts"][i] == texts[i]
     # the completions stay the hinted ones whatever the loss context
     assert rollout["source"][4] == "hint-0.25"
+
+
+def test_original_prompt_is_takes_pi_old_behind_the_hinted_prompt(tiny_model_dir, tmp_path,
+                                                                   monkeypatch):
+    # Guide's ratio: r_t = pi_theta(o_t | q) / pi_old(o_t | q + hint). The loss sees q, pi_old
+    # comes from q + hint; both are computed here by hand, one sequence at a time, unpadded.
+    model, tok, cfg, _, texts, rollout, _ = scripted_rollout(
+        tiny_model_dir, tmp_path, monkeypatch, loss_context="original_prompt_is")
+    assert rollout["prompts"] == texts  # the loss context: the original questions
+    assert [ghpo.HINT_TEMPLATE in p for p in rollout["sampled_prompts"]] == [False] + [True] * 3
+    cfg.train.num_minibatches, cfg.train.loss_type = 1, "dapo"
+    batch = ampo.add_logprobs(ampo.build_batch(tok, rollout, cfg.train), model, None, cfg.train)
+    assert batch["old_rows"].tolist() == [False] * 4 + [True] * 12  # group 0 was not hinted
+
+    def alone(prompt, comp):  # log pi(comp_t | prompt, comp_<t), no padding anywhere
+        ids = tok(prompt, add_special_tokens=False)["input_ids"] + comp
+        with torch.no_grad():
+            lp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        return [float(lp[len(ids) - len(comp) - 1 + t, comp[t]]) for t in range(len(comp))]
+
+    ratios, clipped = [], 0
+    for s in range(4, 16):
+        comp = rollout["completions"][s]
+        hinted, plain = alone(rollout["sampled_prompts"][s // 4], comp), alone(texts[s // 4], comp)
+        assert batch["old_logp"][s, :len(comp)].tolist() == pytest.approx(hinted, abs=1e-5)
+        A = float(batch["advantages"][s])
+        for h, p in zip(hinted, plain):
+            r = math.exp(p - h)
+            ratios.append(h - p)
+            clipped += (r < 0.8 and A < 0) or (r > 1.2 and A > 0)
+    ours = ampo.train_on_batch(model, *infra.make_optimizer(model, cfg.train), batch, cfg.train,
+                               0.1)
+    n = batch["completion_mask"].sum()  # ppo_kl: mean of log pi_old - log pi over all tokens
+    assert ours["ppo_kl"] == pytest.approx(sum(ratios) / float(n), abs=1e-5)
+    assert ours["clip_frac"] == pytest.approx(clipped / float(n), abs=1e-6)
+    assert ours["ppo_kl"] != 0.0  # the hint changes the answer's probabilities
 
 
 # ---------------------------------------------------------------------------------------------

@@ -152,7 +152,8 @@ def guidance_setup(tiny_model_dir, texts, golds, format_weight, penalty, trigger
                                            workers=0, rule="ampo")
     rollout = {"completions": [[7]] * len(texts), "rewards": rewards, "correct": correct,
                "off_policy": [False] * len(texts), "truncated": [False] * len(texts),
-               "source": ["policy"] * len(texts), "texts": list(texts)}
+               "source": ["policy"] * len(texts), "texts": list(texts),
+               "sampler_logp": [None] * len(texts)}
     return rollout, rows, prompts, model, tok, cfg
 
 

@@ -36,7 +36,7 @@ def test_greedy_loop_equals_hf_generate_with_rows_finishing_early(tiny):
         out = model.generate(**enc, do_sample=False, max_new_tokens=12, eos_token_id=stop,
                              pad_token_id=tok.pad_token_id)[:, enc.input_ids.shape[1]:]
     want = [r[:r.index(stop) + 1] if stop in r else r for r in out.tolist()]
-    got, truncated = sampler.generate(sampler.make_sampler(model, bf16=False), tok, prompts, 1,
+    got, truncated, _ = sampler.generate(sampler.make_sampler(model, bf16=False), tok, prompts, 1,
                                       12, temperature=1e-6)
     assert got == want
     assert len(got[0]) <= 5 and got[0][-1] == stop and not truncated[0]
@@ -54,7 +54,7 @@ def test_each_prompt_is_read_once_and_its_answers_continue_from_copies(tiny):
     with torch.no_grad():
         out = model.generate(**enc, do_sample=False, max_new_tokens=8, min_new_tokens=8,
                              pad_token_id=tok.pad_token_id)[:, enc.input_ids.shape[1]:]
-    got, _ = sampler.generate(sampler.make_sampler(model, bf16=False), tok, prompts, 3, 8,
+    got, _, _ = sampler.generate(sampler.make_sampler(model, bf16=False), tok, prompts, 3, 8,
                               temperature=1e-6)
     want = [row for row in out.tolist() for _ in range(3)]
     assert [g[:8] for g in got] == [w[:len(g)] for g, w in zip(got, want)]
@@ -64,7 +64,7 @@ def test_each_prompt_is_read_once_and_its_answers_continue_from_copies(tiny):
 def test_sampled_answers_keep_ampo_generate_contract(tiny):
     model, tok = tiny
     torch.manual_seed(0)
-    comps, trunc = sampler.generate(sampler.make_sampler(model, bf16=True), tok, prompts_of(tok),
+    comps, trunc, _ = sampler.generate(sampler.make_sampler(model, bf16=True), tok, prompts_of(tok),
                                     3, 6, temperature=1.0, top_p=0.9)
     assert len(comps) == 6 and len(trunc) == 6
     for c, t in zip(comps, trunc):
@@ -77,10 +77,13 @@ def test_top_p_keeps_the_smallest_nucleus():
     # p = [0.5, 0.3, 0.2]: top_p 0.6 keeps {0, 1} (0.5 < 0.6, 0.8 >= 0.6), never token 2
     logits = torch.tensor([0.5, 0.3, 0.2]).log().expand(2000, 3)
     torch.manual_seed(0)
-    drawn = sampler.sample_next(logits, 1.0, 0.6)
+    drawn, logp = sampler.sample_next(logits, 1.0, 0.6)
     assert set(drawn.tolist()) == {0, 1}
     share = (drawn == 0).float().mean().item()  # 0.5 / 0.8 = 0.625 after renormalising
     assert abs(share - 0.625) < 0.05
+    # the log-prob is the tempered one before the nucleus cut: log 0.5 or log 0.3, as pi_old's
+    want = torch.tensor([0.5, 0.3, 0.2]).log()[drawn]
+    assert torch.allclose(logp, want, atol=1e-6)
 
 
 def test_engine_is_a_refreshed_bf16_copy_outside_the_policy(tiny, tmp_path):
@@ -101,7 +104,7 @@ def test_engine_is_a_refreshed_bf16_copy_outside_the_policy(tiny, tmp_path):
     infra.engine_refresh(policy, cfg)
     for mine, theirs in zip(s.parameters(), policy.parameters()):
         assert torch.equal(mine, theirs.detach().bfloat16())
-    comps, _ = ampo.generate(policy, tok, prompts_of(tok), 2, 4)  # dispatches to the loop
+    comps, _, _ = ampo.generate(policy, tok, prompts_of(tok), 2, 4)  # dispatches to the loop
     assert len(comps) == 4
 
 

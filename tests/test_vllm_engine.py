@@ -83,7 +83,7 @@ def test_vllm_generate_matches_the_hf_contract_and_takes_new_weights(tiny_model_
     model, tok = infra.load_model(cfg.model)
     engine = vllm_engine.make_engine(tiny_model_dir, cfg)
     prompts = [infra.build_prompt(tok, {"problem": "What is 2 + 3?"}, "{problem}", None)] * 2
-    completions, truncated = vllm_engine.generate(engine, tok, prompts, 4, 16)
+    completions, truncated, _ = vllm_engine.generate(engine, tok, prompts, 4, 16)
     assert len(completions) == 8 and len(truncated) == 8
     # vLLM also stops on the generation config's EOS ids (vllm_engine.to_completion).
     extra = engine.llm_engine.model_config.try_get_generation_config().get("eos_token_id") or []
