@@ -54,7 +54,13 @@ TRL_NAMES = {"reward": "reward", "frac_reward_zero_std": "frac_reward_zero_std",
              "entropy": "entropy", "clip_frac": "clip_ratio/region_mean", "kl": "kl",
              "completion_len": "completions/mean_length",
              "truncated_frac": "completions/clipped_ratio", "loss": "loss",
-             "grad_norm": "grad_norm", "lr": "learning_rate"}
+             "grad_norm": "grad_norm", "lr": "learning_rate",
+             # the sampler's mismatch (ampo.py section 8): TRL's sampling/ figures
+             "sampling_logp_diff_mean": "sampling/sampling_logp_difference/mean",
+             "sampling_logp_diff_max": "sampling/sampling_logp_difference/max",
+             "is_ratio_mean": "sampling/importance_sampling_ratio/mean",
+             "is_ratio_min": "sampling/importance_sampling_ratio/min",
+             "is_ratio_max": "sampling/importance_sampling_ratio/max"}
 METHOD_KEYS = {"ampo": ("guided_frac", "teachers_picked", "comprehension_mean",
                         "comprehension_picked", "teacher_token_p"),
                "ghpo": ("hard_frac", "rescued_frac", "hint_hist", "hinted_frac",
