@@ -55,7 +55,7 @@ def hf_generate(model, tokenizer, prompts, G, T, temperature, fixed, **extra):
                              do_sample=True, temperature=temperature, top_k=0, max_new_tokens=T,
                              min_new_tokens=T if fixed else 0, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, **extra)
-    return out[:, enc.input_ids.shape[1]:].tolist(), None
+    return out[:, enc.input_ids.shape[1]:].tolist(), None, None  # as ampo.generate's three
 
 
 def loop_generate(engine, tokenizer, prompts, G, T, temperature, fixed):
@@ -138,7 +138,7 @@ def main():
                 torch.manual_seed(r)
                 times[m]["one"].append(common.timed(lambda: fn(prompts, G, 1, True))[0])
                 times[m]["fixed"].append(common.timed(lambda: fn(prompts, G, n, True))[0])
-                dt, (comps, _) = common.timed(lambda: fn(prompts, G, n, False))
+                dt, (comps, _, _) = common.timed(lambda: fn(prompts, G, n, False))
                 stop = tok.eos_token_id
                 times[m]["sampled"].append(dt)
                 times[m]["tokens"].append(sum(c.index(stop) + 1 if stop in c else len(c)
