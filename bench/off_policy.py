@@ -77,10 +77,10 @@ def main():
         old = ampo.sequence_logprobs(model, batch, t.micro_batch_size, t.temperature)
     out = mismatch_rows(batch, old)
 
-    # 2. The update with each correction, alternating, learning rate 0.
+    # 2. The update with each correction, alternating, learning rate 0 (the schedule's base:
+    # the scheduler sets each update's rate from it) so that every repeat sees the same weights.
+    t.learning_rate = 0.0
     optimizer, scheduler = infra.make_optimizer(model, t)
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
     modes = ampo.IS_MODES
     times = {m: [] for m in modes}
     capped = {}
