@@ -1,14 +1,17 @@
 """GRPO vs AMPO vs GHPO: the same start, the same budget, several seeds, tables and plots.
 
     HF_HUB_OFFLINE=1 python compare.py --config config.yaml --seeds 3 [--regime mixed|hard]
-        [--out runs/compare] [--problems 48] [--section.key=value ...]
+        [--out runs/compare] [--problems 48] [--commit] [--report-only] [--section.key=value ...]
 
 For each seed, and each method in turn:
 
-  grpo   ampo.py with ampo.trigger=never (no teachers: plain GRPO with AMPO's loss)
-  ampo   ampo.py as configured (teachers replace rollouts in groups that all failed)
-  ghpo   ghpo.py as configured, with AMPO's whole train: block (loss, advantages, entropy bonus,
-         weight decay included), so that hints are the only difference from grpo
+  grpo        ampo.py with ampo.trigger=never (no teachers: plain GRPO with AMPO's loss)
+  grpo-noent  grpo with train.entropy_coeff=0: the control that tells "guidance prevents a
+              collapse" (GRPO's only gradient on unsolved groups is the entropy bonus) from
+              "guidance teaches"
+  ampo        ampo.py as configured (teachers replace rollouts in groups that all failed)
+  ghpo        ghpo.py as configured, with AMPO's whole train: block (loss, advantages, entropy
+              bonus, weight decay included), so that hints are the only difference from grpo
 
 Every run starts from the same model with the same steps, prompts, answers, lengths, learning
 rate and seed (so the same prompts in the same order). The base model and every trained model
@@ -32,6 +35,12 @@ Resumable: a run whose result.json exists is kept if it was made with the same r
 as this command would use; if not, the command stops and names the keys that differ (or, with
 --rerun-stale, trains it again). An unfinished run is started again from scratch (runs save
 only their last checkpoint). Rerunning the same command finishes the job.
+
+Across working sessions (the hard regime is hours of CPU): with --commit, each finished run's
+weights are deleted once it is evaluated and its small outputs (result.json, metrics.jsonl,
+samples.jsonl; base-seedN.json for the start model) are committed to git at once, so a later
+session's same command continues where the last stopped. --report-only trains nothing: it
+rebuilds the tables and plots from the finished runs there are (the seeds that are complete).
 """
 
 import argparse
@@ -42,6 +51,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,24 +65,28 @@ import report
 sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
 from make_data import HARD_TYPES, MIX  # noqa: E402  (the bundled types, data/README.md)
 
-METHODS = ("grpo", "ampo", "ghpo")
+METHODS = ("grpo", "grpo-noent", "ampo", "ghpo")
+BASELINES = ("grpo", "grpo-noent")  # every other method's gains are also paired against these
 PASS_K = [1, 2, 4, 8]
 KEYS = ["avg@8"] + [f"pass@{k}" for k in PASS_K]
 # The bundled problem types in two groups, by how often the start model solves them
 # (data/make_data.py: measured with data/measure.py on training rows, data/README.md).
 TYPE_GROUPS = {"easy types": [g.__name__ for g, _ in MIX if g.__name__ not in HARD_TYPES],
                "hard types": list(HARD_TYPES)}
-# A regime is a set of overrides applied before the command line's (which still win) and its
-# number of evaluated problems. The hard budget: a step there costs GRPO ~39 s, AMPO ~33 s and
-# GHPO ~70 s on a 2-core CPU (its three hint stages resample nearly every group), an evaluation
-# ~2.5 s a problem, so a seed (3 runs, 4 evaluations) takes 25-30 min and 3 seeds fit in about
-# 100 minutes (docs/results.md has the measurement and the choice).
+# A regime is a set of overrides applied before the command line's (which still win), its
+# number of evaluated problems, its methods and its output folder. The hard budget: a step there
+# costs GRPO ~39 s, AMPO ~33 s and GHPO ~70 s on a 2-core CPU (its three hint stages resample
+# nearly every group), an evaluation ~2.5 s a problem. At 8 steps no method moved past the
+# start model (docs/compare-hard-8steps); a 32-step probe lifted AMPO by ~7-11 points, so 32 is
+# the budget: a seed (4 runs, 5 evaluations of 48 problems) is ~1.8 h and 5 seeds ~9 h, run over
+# several sessions with --commit (64 steps would be ~18 h; docs/results.md has the choice).
 REGIMES = {
-    "mixed": {"overrides": [], "problems": 48},
+    "mixed": {"overrides": [], "problems": 48, "methods": ("grpo", "ampo", "ghpo"),
+              "out": "runs/compare"},
     "hard": {"overrides": ["--data.train_file=data/train_hard.jsonl",
                            "--eval.files=[data/test_hard.jsonl]",
-                           "--train.max_steps=8"],
-             "problems": 32},
+                           "--train.max_steps=32"],
+             "problems": 48, "methods": METHODS, "out": "docs/compare-hard"},
 }
 
 
@@ -87,8 +101,10 @@ def method_config(method: str, config: str, overrides: list[str], seed: int, fol
         cfg.train = dataclasses.replace(base.train)
     else:
         cfg = base
-        if method == "grpo":
+        if method.startswith("grpo"):
             cfg.ampo.trigger = "never"
+        if method == "grpo-noent":
+            cfg.train.entropy_coeff = 0.0
     cfg.train.seed = seed
     cfg.log.output_dir = str(folder)
     cfg.log.save_every, cfg.log.keep_last = 0, 1
@@ -190,6 +206,10 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+# Keys that change no result: a tracker (and results made before log.report_to existed lack it).
+NO_RESULT_KEYS = {"log.report_to"}
+
+
 def reuse(path: Path, cfg, rerun_stale: bool) -> dict | None:
     """A finished result made with this very config, or None (run it). A result made with
     another config stops the comparison, naming the keys, unless rerun_stale."""
@@ -197,8 +217,7 @@ def reuse(path: Path, cfg, rerun_stale: bool) -> dict | None:
         return None
     done = json.loads(path.read_text())
     diff = config_diff(done.get("config", {}), json.loads(json.dumps(dataclasses.asdict(cfg))))
-    # A tracker changes no result (and results made before log.report_to existed lack it).
-    diff = [k for k in diff if k != "log.report_to"]
+    diff = [k for k in diff if k not in NO_RESULT_KEYS]
     if not diff:
         return done
     if rerun_stale:
@@ -207,12 +226,36 @@ def reuse(path: Path, cfg, rerun_stale: bool) -> dict | None:
                            "use another --out, or --rerun-stale to run it again")
 
 
-def run_one(method, seed, args, overrides, out: Path) -> dict:
-    """Train (unless done) and evaluate one method at one seed; result.json makes it resumable."""
+def commit(paths: list[Path], message: str) -> bool:
+    """git-commit exactly these files (nothing else staged goes in), so a later session finds
+    them; False, with a warning, where git refuses (the run's files stay on disk)."""
+    names = [str(p) for p in paths if p.exists()]
+    for attempt in range(5):
+        git = subprocess.run(["git", "add", "-f", "--", *names], capture_output=True, text=True)
+        if not git.returncode and not subprocess.run(  # staged nothing new: already committed
+                ["git", "diff", "--cached", "--quiet", "--", *names]).returncode:
+            return True
+        if not git.returncode:
+            git = subprocess.run(["git", "commit", "-q", "-m", message, "--", *names],
+                                 capture_output=True, text=True)
+            if not git.returncode:
+                return True
+        if "index.lock" not in git.stderr:  # only another git command's lock is worth a wait
+            break
+        time.sleep(2 ** attempt)
+    print(f"warning: could not commit {', '.join(names)} ({git.stderr.strip()}): commit them "
+          "by hand", file=sys.stderr)
+    return False
+
+
+def run_one(method, seed, args, overrides, out: Path) -> dict | None:
+    """Train (unless done) and evaluate one method at one seed; result.json makes it resumable.
+    With --report-only, the finished result or None; with --commit, the weights are deleted
+    once evaluated and the run's small outputs committed."""
     folder = out / f"{method}-seed{seed}"
     cfg = method_config(method, args.config, overrides, seed, folder, args.problems)
     done = reuse(folder / "result.json", cfg, args.rerun_stale)
-    if done:
+    if done or args.report_only:
         return done
     if folder.exists():
         shutil.rmtree(folder)  # an unfinished or stale run: start it again
@@ -222,25 +265,32 @@ def run_one(method, seed, args, overrides, out: Path) -> dict:
     gc.collect()
     ckpt = infra.checkpoint_dirs(folder)[-1]
     tick = time.perf_counter()
-    result = {"method": method, "seed": seed, "train_s": round(train_s, 1),
+    result = {"method": method, "seed": seed, "machine": cpu_name(), "train_s": round(train_s, 1),
               "eval": evaluate(cfg, str(ckpt)), "eval_s": round(time.perf_counter() - tick, 1),
               "train": summarise_run(plot.read_metrics(str(folder))),
               "config": dataclasses.asdict(cfg)}
     infra.write_json_atomically(folder / "result.json", result)
     gc.collect()
+    if args.commit:
+        for c in infra.checkpoint_dirs(folder):
+            shutil.rmtree(c)  # evaluated: the result no longer needs the weights
+        commit([folder / n for n in ("result.json", "metrics.jsonl", "samples.jsonl")],
+               f"{out}: {method} seed {seed} (avg@8 {result['eval']['avg@8']:.3f})")
     return result
 
 
-def base_eval(seed, args, overrides, out: Path) -> dict:
+def base_eval(seed, args, overrides, out: Path) -> dict | None:
     path = out / f"base-seed{seed}.json"
     cfg = method_config("grpo", args.config, overrides, seed, out / "base", args.problems)
     done = reuse(path, cfg, args.rerun_stale)
-    if done:
+    if done or args.report_only:
         return done
     tick = time.perf_counter()
     result = {"seed": seed, "eval": evaluate(cfg, cfg.model.name_or_path),
               "eval_s": round(time.perf_counter() - tick, 1), "config": dataclasses.asdict(cfg)}
     infra.write_json_atomically(path, result)
+    if args.commit:
+        commit([path], f"{out}: the start model, seed {seed}")
     return result
 
 
@@ -255,12 +305,23 @@ def held_out(ev: dict) -> dict:
     return out
 
 
+def paired(values: list[float]) -> dict:
+    """A gain paired by seed: its spread, and on how many seeds it is above and below 0.
+
+    >>> paired([0.1, -0.05, 0.2])["above"], paired([0.1, -0.05, 0.2])["below"]
+    (2, 1)
+    """
+    return {**spread(values), "above": sum(v > 0 for v in values),
+            "below": sum(v < 0 for v in values)}
+
+
 def summarise(base: list[dict], runs: list[dict]) -> dict:
     """Mean and spread over seeds of every held-out score, its gain over the base model and
-    over GRPO (both paired by seed), and the training figures."""
+    over each of BASELINES (all paired by seed), and the training figures."""
     before = {b["seed"]: held_out(b["eval"]) for b in base}
     out = {"base": {k: spread([v[k] for v in before.values()]) for k in before[base[0]["seed"]]}}
-    grpo = {r["seed"]: held_out(r["eval"]) for r in runs if r["method"] == "grpo"}
+    baselines = {m: {r["seed"]: held_out(r["eval"]) for r in runs if r["method"] == m}
+                 for m in BASELINES}
     for method in METHODS:
         rs = [r for r in runs if r["method"] == method]
         if not rs:
@@ -268,11 +329,12 @@ def summarise(base: list[dict], runs: list[dict]) -> dict:
         after = {r["seed"]: held_out(r["eval"]) for r in rs}
         names = list(after[rs[0]["seed"]])
         s = {k: spread([a[k] for a in after.values()]) for k in names}
-        s.update({f"gain {k}": spread([a[k] - before[seed][k] for seed, a in after.items()])
+        s.update({f"gain {k}": paired([a[k] - before[seed][k] for seed, a in after.items()])
                   for k in names})
-        if method != "grpo" and set(after) <= set(grpo):
-            s.update({f"vs grpo {k}": spread([a[k] - grpo[seed][k] for seed, a in after.items()])
-                      for k in KEYS})
+        for b, scores in baselines.items():
+            if method != b and scores and set(after) <= set(scores):
+                s.update({f"vs {b} {k}": paired([a[k] - scores[seed][k]
+                                                 for seed, a in after.items()]) for k in names})
         for k, v in rs[0]["train"].items():
             if isinstance(v, float):
                 s[f"train {k}"] = spread([r["train"][k] for r in rs])
@@ -288,33 +350,49 @@ def pct(s: dict, sign: str = "") -> str:
     return f"{100 * s['mean']:{sign}.1f} ± {100 * s['std']:.1f}"
 
 
+def gain_cell(s: dict) -> str:
+    """'+2.2 ± 1.4 (3/3)' from a paired gain: mean ± std, then on how many seeds it is above 0;
+    a '~' marks a gain within its spread (|mean| <= std)."""
+    mark = "~" if abs(s["mean"]) <= s["std"] else ""
+    return f"{mark}{pct(s, '+')} ({s['above']}/{s['n']})"
+
+
 def table(summary: dict) -> str:
     """results.md: held-out scores (mean ± std, range over seeds), gains paired by seed, the
-    mechanism, and avg@8 per type group and per type."""
+    mechanism, avg@8 per type group and per type, and the paired gains there."""
     rows = [m for m in ("base",) + METHODS if m in summary]
     rng = lambda s: f"{pct(s)} ({100 * s['min']:.1f}–{100 * s['max']:.1f})"  # noqa: E731
     lines = ["| method | " + " | ".join(KEYS) + " |", "|" + " --- |" * (len(KEYS) + 1)]
     lines += [f"| {m} | " + " | ".join(rng(summary[m][k]) for k in KEYS) + " |" for m in rows]
-    cell = lambda s, k, sign="+": pct(s[k], sign) if k in s else ""  # noqa: E731
-    lines += ["", "| method | gain avg@8 | gain pass@8 | vs grpo avg@8 | vs grpo pass@8 | "
-              "zero-spread groups | grad norm | guided / rescued | train min |",
-              "|" + " --- |" * 9]
+    cell = lambda s, k: gain_cell(s[k]) if k in s else ""  # noqa: E731
+    share = lambda s, k: pct(s[k]) if k in s else ""  # noqa: E731
+    num = lambda s, k, d: f"{s[k]['mean']:.{d}f} ± {s[k]['std']:.{d}f}" if k in s else ""  # noqa
+    vs = [f"vs {b} {k}" for b in BASELINES if b in summary for k in ("avg@8", "pass@8")]
+    lines += ["", "| method | gain avg@8 | gain pass@8 | " + " | ".join(vs) + " | "
+              "zero-spread groups | grad norm | entropy | guided / rescued | train min |",
+              "|" + " --- |" * (9 + len(vs))]
     for m in rows[1:]:
         s = summary[m]
-        gn = s["train grad_norm"]
         lines.append(f"| {m} | {cell(s, 'gain avg@8')} | {cell(s, 'gain pass@8')} | "
-                     f"{cell(s, 'vs grpo avg@8')} | {cell(s, 'vs grpo pass@8')} | "
-                     f"{cell(s, 'train frac_reward_zero_std', '')} | "
-                     f"{gn['mean']:.3f} ± {gn['std']:.3f} | "
-                     f"{cell(s, 'train guided_or_rescued', '')} | "
+                     + "".join(f"{cell(s, k)} | " for k in vs)
+                     + f"{share(s, 'train frac_reward_zero_std')} | "
+                     f"{num(s, 'train grad_norm', 3)} | {num(s, 'train entropy', 2)} | "
+                     f"{share(s, 'train guided_or_rescued')} | "
                      f"{s['train_s']['mean'] / 60:.1f} |")
     groups = [g for g in TYPE_GROUPS if f"{g} avg@8" in summary["base"]]
     types = sorted(k.split()[1] for k in summary["base"] if k.startswith("type ")
                    and k.endswith(" avg@8"))
     cols = [f"{g} avg@8" for g in groups] + [f"type {t} avg@8" for t in types]
-    lines += ["", "| method | " + " | ".join(c.removeprefix("type ").removesuffix(" avg@8")
-                                            for c in cols) + " |", "|" + " --- |" * (len(cols) + 1)]
+    head = " | ".join(c.removeprefix("type ").removesuffix(" avg@8") for c in cols)
+    lines += ["", f"| method | {head} |", "|" + " --- |" * (len(cols) + 1)]
     lines += [f"| {m} | " + " | ".join(pct(summary[m][c]) for c in cols) + " |" for m in rows]
+    pairs = [(m, b) for m in rows[1:] for b in BASELINES if f"vs {b} avg@8" in summary[m]]
+    if pairs:
+        lines += ["", f"| avg@8 gain, paired | {head} |", "|" + " --- |" * (len(cols) + 1)]
+        lines += [f"| {m} vs {b} | " + " | ".join(gain_cell(summary[m][f"vs {b} {c}"])
+                                                 for c in cols) + " |" for m, b in pairs]
+    lines += ["", "Gains are paired by seed, mean ± std over seeds, then (n/N) the seeds on "
+              "which the gain is above 0; ~ marks a gain within its spread (|mean| <= std)."]
     return "\n".join(lines) + "\n"
 
 
@@ -336,7 +414,8 @@ def plot_passk(base: list[dict], runs: list[dict], out: str):
                 color=plot.COLORS[label])
         ax.fill_between(PASS_K, [min(v) for v in vals], [max(v) for v in vals],
                         color=plot.COLORS[label], alpha=0.2)
-        shift = 0.1 * (list(groups).index(label) - 1.5)  # side by side: equal scores stay visible
+        # side by side: equal scores stay visible
+        shift = 0.08 * (list(groups).index(label) - (len(groups) - 1) / 2)
         bx.plot([r["seed"] + shift for r in rs], [r["eval"]["avg@8"] for r in rs], marker="o",
                 linestyle="none", label=label, color=plot.COLORS[label])
     ax.set(xscale="log", xlabel="k", title="held-out pass@k")
@@ -352,42 +431,66 @@ def plot_passk(base: list[dict], runs: list[dict], out: str):
     plt.close(fig)
 
 
+def cpu_name() -> str:
+    """The CPU model, as lscpu names it (timings and bf16 kernels differ between machines)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.processor() or platform.machine()}, " \
+           f"{os.cpu_count()} CPUs"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="config.yaml")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 1..N")
     ap.add_argument("--regime", default="mixed", choices=sorted(REGIMES))
-    ap.add_argument("--out", default=None, help="default: runs/compare (mixed), runs/compare-hard")
+    ap.add_argument("--out", default=None, help="default: the regime's (runs/compare for mixed, "
+                                                "docs/compare-hard for hard)")
     ap.add_argument("--problems", type=int, default=None,
                     help="held-out problems evaluated (default: the regime's)")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=None, help="comma-separated (default: the regime's)")
     ap.add_argument("--rerun-stale", action="store_true",
                     help="train again a finished run whose config differs (default: stop)")
+    ap.add_argument("--commit", action="store_true",
+                    help="delete each run's weights once evaluated and git-commit its small "
+                         "outputs, then the tables and plots")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: tables and plots of the seeds whose runs are all done")
     args, overrides = ap.parse_known_args(argv)
-    methods = args.methods.split(",")
+    regime = REGIMES[args.regime]
+    methods = args.methods.split(",") if args.methods else list(regime["methods"])
     if set(methods) - set(METHODS):
         raise SystemExit(f"error: --methods: each one of {','.join(METHODS)}, got {args.methods}")
-    regime = REGIMES[args.regime]
     overrides = regime["overrides"] + overrides  # the command line's come last and win
     args.problems = args.problems or regime["problems"]
-    out = Path(args.out or ("runs/compare" if args.regime == "mixed"
-                            else f"runs/compare-{args.regime}"))
+    out = Path(args.out or regime["out"])
     out.mkdir(parents=True, exist_ok=True)
     tick = time.perf_counter()
     base, runs = [], []
     try:
         for seed in range(1, args.seeds + 1):
-            base.append(base_eval(seed, args, overrides, out))
-            for method in methods:
-                runs.append(run_one(method, seed, args, overrides, out))
-                print(f"{method} seed {seed}: " + ", ".join(
-                    f"{k} {runs[-1]['eval'][k]:.3f}" for k in KEYS), flush=True)
+            b = base_eval(seed, args, overrides, out)
+            rs = [b and run_one(method, seed, args, overrides, out) for method in methods]
+            if b is None or None in rs:  # --report-only: a seed counts once all its runs are done
+                print(f"seed {seed}: {sum(r is not None for r in rs)} of {len(rs)} runs and "
+                      f"{'the' if b else 'no'} start model done: left out", flush=True)
+                continue
+            base.append(b)
+            runs += rs
+            for r in rs:
+                print(f"{r['method']} seed {seed}: " + ", ".join(
+                    f"{k} {r['eval'][k]:.3f}" for k in KEYS), flush=True)
     except infra.InputError as e:
         sys.exit(f"error: {e}")
+    if not base:
+        sys.exit(f"error: {out}: no seed has all its runs done yet")
     summary = summarise(base, runs)
     record = {"command": " ".join(["python compare.py"] + (argv or sys.argv[1:])),
-              "regime": args.regime, "overrides": overrides,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+              "regime": args.regime, "overrides": overrides, "methods": methods,
+              "seeds": [b["seed"] for b in base], "machine": f"{cpu_name()}, {platform.platform()}",
               "wall_s_this_call": round(time.perf_counter() - tick, 1),
               "budget": dataclasses.asdict(method_config("grpo", args.config, overrides, 1, out,
                                                          args.problems).train),
@@ -402,8 +505,12 @@ def main(argv=None):
     plot_passk(base, runs, str(out / "passk.png"))
     (out / "report.html").write_text(report.compare_page(out))
     print(table(summary))
-    print(f"wrote {out}/results.json, results.md, curves.png, mechanism.png, passk.png, "
-          f"report.html")
+    names = ["results.json", "results.md", "curves.png", "mechanism.png", "passk.png",
+             "report.html"]
+    print(f"wrote {out}/" + ", ".join(names))
+    if args.commit:
+        commit([out / n for n in names], f"{out}: tables and plots, seeds "
+                                         f"{','.join(str(b['seed']) for b in base)}")
     return record
 
 

@@ -33,7 +33,8 @@ MECHANISM = [("frac_reward_zero_std", "share of groups with zero reward spread")
 DERIVED = {"guided_or_rescued": lambda m: (m["guided_frac"] if "guided_frac" in m else
                                            sum(m["rescued_frac"]) if "rescued_frac" in m
                                            else None)}
-COLORS = {"base": "tab:gray", "grpo": "tab:blue", "ampo": "tab:orange", "ghpo": "tab:green"}
+COLORS = {"base": "tab:gray", "grpo": "tab:blue", "grpo-noent": "tab:purple", "ampo": "tab:orange",
+          "ghpo": "tab:green"}
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -246,7 +246,7 @@ def compare_page(out) -> str:
     PNGs and one folder a run)."""
     out = Path(out)
     record = json.loads((out / "results.json").read_text())
-    methods = [m for m in ("grpo", "ampo", "ghpo") if any(r["method"] == m for r in record["runs"])]
+    methods = list(dict.fromkeys(r["method"] for r in record["runs"]))  # in the order they ran
     seed = min(r["seed"] for r in record["runs"])
     body = [f"<h1>{html.escape(str(out))}: {', '.join(m.upper() for m in methods)}</h1>",
             f'<p class="note">{html.escape(record["command"])} ({record["regime"]} regime, '

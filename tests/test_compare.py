@@ -3,6 +3,7 @@ before and after; the JSON, the table and the PNGs written; a rerun trains nothi
 rerun with other settings refuses to reuse; the hard regime by its switch; per-type figures."""
 
 import json
+import subprocess
 
 import pytest
 import yaml
@@ -87,6 +88,12 @@ def test_ghpo_gets_ampos_train_block_and_grpo_no_teachers(tiny_compare):
             for m in compare.METHODS}
     assert cfgs["ghpo"].train == cfgs["ampo"].train == cfgs["grpo"].train
     assert cfgs["ghpo"].train.learning_rate == 3e-3 and cfgs["ghpo"].train.seed == 2
+    # the control: grpo without the entropy bonus, nothing else changed
+    noent = cfgs["grpo-noent"]
+    assert noent.train.entropy_coeff == 0.0 and cfgs["grpo"].train.entropy_coeff > 0
+    assert compare.config_diff(compare.dataclasses.asdict(noent),
+                               compare.dataclasses.asdict(cfgs["grpo"])) == [
+        "log.output_dir", "train.entropy_coeff"]
     # without the comparison GHPO would train with its official loss
     assert compare.infra.load_config(config, [], compare.ghpo.Config,
                                      ("ampo",)).train.loss_type == "group_mean"
@@ -142,6 +149,8 @@ def test_both_regimes_give_every_method_the_same_budget_and_seeds(tiny_compare):
         cfgs = {m: compare.method_config(m, config, overrides, 3, out / m, regime["problems"])
                 for m in compare.METHODS}
         assert cfgs["grpo"].train == cfgs["ampo"].train == cfgs["ghpo"].train
+        assert cfgs["grpo-noent"].train == compare.dataclasses.replace(cfgs["grpo"].train,
+                                                                       entropy_coeff=0.0)
         assert {c.train.seed for c in cfgs.values()} == {3}
         assert len({(c.data.train_file, tuple(c.eval.files), c.eval.max_problems,
                      c.eval.num_samples, c.eval.temperature) for c in cfgs.values()}) == 1
@@ -153,9 +162,16 @@ def test_both_regimes_give_every_method_the_same_budget_and_seeds(tiny_compare):
 def test_the_hard_regime_end_to_end_trains_and_evaluates_on_the_hard_types(tiny_compare):
     config, out = tiny_compare
     record = compare.main(["--config", config, "--seeds", "1", "--out", str(out), "--problems",
-                           "6", "--regime", "hard"])
-    assert record["regime"] == "hard" and record["overrides"][:2] == [
-        "--data.train_file=data/train_hard.jsonl", "--eval.files=[data/test_hard.jsonl]"]
+                           "6", "--regime", "hard", "--train.max_steps=1"])
+    assert record["regime"] == "hard" and record["overrides"][:3] == [
+        "--data.train_file=data/train_hard.jsonl", "--eval.files=[data/test_hard.jsonl]",
+        "--train.max_steps=32"]
+    assert record["budget"]["max_steps"] == 1  # the command line's override wins
+    # the hard regime runs the control beside the three methods, with its own gains
+    assert [r["method"] for r in record["runs"]] == list(compare.METHODS)
+    assert "vs grpo-noent avg@8" in record["summary"]["ampo"]
+    assert "vs grpo avg@8" in record["summary"]["grpo-noent"]
+    assert "| grpo-noent |" in (out / "results.md").read_text()
     for r in record["runs"]:
         types = set(r["eval"]["by_type"])
         assert types and types <= set(compare.TYPE_GROUPS["hard types"]), types
@@ -165,3 +181,51 @@ def test_the_hard_regime_end_to_end_trains_and_evaluates_on_the_hard_types(tiny_
     # the tiny random model solves nothing: AMPO guides every group, GRPO's have no spread
     assert record["summary"]["ampo"]["train guided_or_rescued"]["mean"] == 1.0
     assert record["summary"]["grpo"]["train frac_reward_zero_std"]["mean"] == 1.0
+
+
+def test_paired_gains_count_seeds_and_mark_gains_within_their_spread():
+    g = compare.paired([0.1, -0.05, 0.2])
+    assert (g["above"], g["below"], g["n"]) == (2, 1, 3)
+    # mean 0.0833, std 0.1258: within its spread
+    assert compare.gain_cell(g) == "~+8.3 ± 12.6 (2/3)"
+    assert compare.gain_cell(compare.paired([0.1, 0.12, 0.14])) == "+12.0 ± 2.0 (3/3)"
+    assert compare.gain_cell(compare.paired([0.0, 0.0])) == "~+0.0 ± 0.0 (0/2)"
+
+
+def git(repo, *args):
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_commit_keeps_each_run_across_sessions_and_report_only_rebuilds(tiny_compare,
+                                                                        monkeypatch):
+    """--commit: each finished run's small outputs are committed (no weights), so a fresh
+    clone (the next session) holds them; --report-only there trains nothing and rebuilds the
+    tables from the complete seeds, leaving out the rest."""
+    config, out = tiny_compare
+    repo = out.parent / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    git(repo, "config", "user.email", "t@t")
+    git(repo, "config", "user.name", "t")
+    monkeypatch.chdir(repo)
+    args = ["--config", config, "--out", "cmp", "--problems", "3", "--methods", "grpo"]
+    first = compare.main(args + ["--seeds", "1", "--commit"])
+    tracked = git(repo, "ls-files").split()
+    assert sorted(tracked) == sorted(
+        ["cmp/base-seed1.json"] + [f"cmp/grpo-seed1/{n}" for n in ("metrics.jsonl",
+                                                                    "result.json",
+                                                                    "samples.jsonl")]
+        + [f"cmp/{n}" for n in ("results.json", "results.md", "curves.png", "mechanism.png",
+                                "passk.png", "report.html")])
+    assert not compare.infra.checkpoint_dirs(repo / "cmp" / "grpo-seed1")  # weights gone
+    assert "cmp: grpo seed 1 (avg@8" in git(repo, "log", "--format=%s")
+    # the next session: a clean clone, two seeds asked for, one done
+    git(out.parent, "clone", "-q", str(repo), "next")
+    monkeypatch.chdir(out.parent / "next")
+    monkeypatch.setattr(ampo, "train", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(compare.infra, "evaluate_files", lambda *a, **k: pytest.fail("evaluated"))
+    again = compare.main(args + ["--seeds", "2", "--report-only"])
+    assert again["seeds"] == [1] and again["summary"] == first["summary"]
+    with pytest.raises(SystemExit, match="no seed has all its runs done"):
+        compare.main(args + ["--seeds", "1", "--report-only", "--methods", "grpo,ampo"])
