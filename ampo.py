@@ -127,6 +127,9 @@ class TrainConfig:
     importance_sampling_mode: str = "none"
     importance_sampling_cap: float = 3.0
     logprob_chunk_size: int = 256
+    # Each group's prompt runs once in every log-prob pass, its keys and values shared by the
+    # group's answers (section 7): the same numbers as the padded batch, fewer FLOPs.
+    shared_prompt: bool = True
 
 
 @dataclass
@@ -674,8 +677,8 @@ def micro_batch(batch: dict, rows: slice) -> dict:
     for key in ("old_logp", "ref_logp", "off_policy_mask", "sampler_logp"):
         if batch.get(key) is not None:
             out[key] = batch[key][rows, :C]  # [b, C]
-    out.update({k: batch[k][rows] for k in ("advantages", "group_len", "has_sampler", "old_rows")
-                if k in batch})  # [b]
+    out.update({k: batch[k][rows] for k in ("advantages", "group_len", "has_sampler", "old_rows",
+                                            "group") if k in batch})  # [b]
     return out
 
 
@@ -695,14 +698,45 @@ def token_logprobs(head, hidden, targets, temperature: float = 1.0, with_entropy
     return logp, -(logp_all.exp() * logp_all).sum(-1)  # [n], [n]
 
 
+def shared_prompt_hidden(model, input_ids, attention_mask, position_ids, C: int, groups):
+    """The final hidden states before each completion token, [N, C, H], with every prompt run
+    once: equal to the padded batch's, to float rounding (tests/test_ampo.py).
+
+    groups [N]: rows with the same value share one prompt (a group's G answers, teachers
+    included, all behind the prompt the group is trained on). The prompts' pass runs over one
+    row per group and records each layer's keys and values; the answers' pass runs over the C
+    completion columns alone, each row attending to its group's prompt keys and values through
+    a read-only cache (infra.prompt_cache). In the backward the gradients of the G readers of
+    one prompt add up in the rows they were copied from, as the padded batch's G prompt copies
+    would: the same sum, computed once. The first completion token is predicted by the
+    prompt's last column, so that hidden state is copied to the group's rows too.
+    """
+    N, P = input_ids.shape[0], input_ids.shape[1] - C
+    _, row_group = torch.unique(groups, return_inverse=True)  # [N] 0..g-1
+    first = torch.full((int(row_group.max()) + 1,), N, device=groups.device).scatter_reduce(
+        0, row_group, torch.arange(N, device=groups.device), "amin")  # [g] each group's first row
+    none = torch.zeros(0, dtype=torch.long, device=input_ids.device)  # logits_to_keep: none
+    recorded = infra.prompt_cache(model)
+    out = model(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
+                position_ids=position_ids[first, :P], past_key_values=recorded,
+                logits_to_keep=none, output_hidden_states=True, use_cache=False)  # [g, P]
+    last = out.hidden_states[-1][:, -1][row_group]  # [N, H] predicts completion token 1
+    out = model(input_ids=input_ids[:, P:], attention_mask=attention_mask,  # [N, P + C]: both
+                position_ids=position_ids[:, P:], logits_to_keep=none, output_hidden_states=True,
+                past_key_values=infra.prompt_cache(model, recorded, row_group), use_cache=False)
+    return torch.cat([last.unsqueeze(1), out.hidden_states[-1][:, :-1]], 1), out  # [N, C, H]
+
+
 def completion_logprobs(model, input_ids, attention_mask, num_completion: int,
                         temperature: float = 1.0, with_entropy: bool = False,
-                        chunk_size: int = 0):
+                        chunk_size: int = 0, groups=None):
     """log pi(token) for the last `num_completion` columns, and optionally the entropy there.
 
     The logit at column t predicts the token at column t + 1 (the off-by-one every RL trainer
     has to get right), so the completion's log-probs come from the C hidden states before it.
-    The vocabulary head is the pass's largest activation: [N, C, V] logits, and the float32
+    groups [N] (train.shared_prompt): rows of one group share their prompt's forward
+    (shared_prompt_hidden); None: every row reads its own copy (the padded batch). The
+    vocabulary head is the pass's largest activation: [N, C, V] logits, and the float32
     log-softmax, its exp and the entropy's product are each one more copy (bench/memory.py
     counts them). So the model returns its final hidden states only (logits_to_keep=[]: its
     head runs over no column) and the head runs here over chunk_size tokens at a time (0: all
@@ -712,11 +746,15 @@ def completion_logprobs(model, input_ids, attention_mask, num_completion: int,
     """
     # Left padding shifts every prompt; positions must count real tokens only.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [N, L]
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device),
-                output_hidden_states=True, use_cache=False)
     N, C = input_ids.shape[0], num_completion
-    hidden = out.hidden_states[-1][:, -C - 1:-1]  # [N, C, H], after the last norm
+    if groups is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device),
+                    output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states[-1][:, -C - 1:-1]  # [N, C, H], after the last norm
+    else:
+        hidden, out = shared_prompt_hidden(model, input_ids, attention_mask, position_ids, C,
+                                           groups)  # [N, C, H]
     hidden = hidden.reshape(N * C, -1)  # [N*C, H]
     targets = input_ids[:, -C:].reshape(N * C)  # [N*C]
     bf16 = out.logits.dtype == torch.bfloat16  # the model's own head ran under autocast: ours too
@@ -758,6 +796,7 @@ def build_batch(tokenizer, rollout: dict, cfg: TrainConfig) -> dict:
              "completion_mask": completion_mask, "off_policy_mask": off,
              "sampler_logp": sampler_logp,  # [N, C]
              "has_sampler": torch.tensor([lp is not None for lp in rollout["sampler_logp"]]),
+             "group": torch.arange(len(prompt_ids)).repeat_interleave(G),  # [N] whose prompt
              "advantages": group_advantages(rewards, G, cfg.scale_rewards)}  # [N]
     sampled = rollout.get("sampled_prompts", rollout["prompts"])
     moved = [i * G + j for i, (a, b) in enumerate(zip(sampled, rollout["prompts"])) if a != b
@@ -766,12 +805,13 @@ def build_batch(tokenizer, rollout: dict, cfg: TrainConfig) -> dict:
         ids = tokenizer([sampled[s // G] for s in moved], add_special_tokens=False)["input_ids"]
         ctx = pad_sequences(ids, [rollout["completions"][s] for s in moved], tokenizer.pad_token_id)
         batch["sampled_context"] = (moved, dict(zip(("input_ids", "attention_mask",
-                                                     "completion_mask"), ctx)))
+                                                     "completion_mask"), ctx),
+                                                group=torch.tensor(moved) // G))
     return batch
 
 
 def sequence_logprobs(model, batch: dict, micro_batch_size: int, temperature: float,
-                      chunk_size: int = 0):
+                      chunk_size: int = 0, shared_prompt: bool = False):
     """log pi of every completion token of a batch without gradients (old or reference policy)."""
     N, C = batch["completion_mask"].shape
     out = torch.zeros((N, C))  # [N, C]
@@ -779,9 +819,10 @@ def sequence_logprobs(model, batch: dict, micro_batch_size: int, temperature: fl
         for s in range(0, N, micro_batch_size):
             mb = micro_batch(batch, slice(s, s + micro_batch_size))
             c = mb["completion_mask"].shape[1]
+            groups = mb["group"].to(model.device) if shared_prompt else None  # [b]
             logp, _ = completion_logprobs(model, mb["input_ids"].to(model.device),
                                           mb["attention_mask"].to(model.device), c, temperature,
-                                          chunk_size=chunk_size)
+                                          chunk_size=chunk_size, groups=groups)
             out[s:s + micro_batch_size, :c] = logp.cpu()
     return out
 
@@ -798,19 +839,22 @@ def add_logprobs(batch: dict, policy, ref_model, cfg: TrainConfig) -> dict:
     the ratio becomes pi_theta(o | trained prompt) / pi_old(o | sampled prompt) (old_rows [N]
     marks the rows whose pi_old is given).
     """
-    N, k = batch["completion_mask"].shape[0], cfg.logprob_chunk_size
-    batch["old_logp"] = (sequence_logprobs(policy, batch, cfg.micro_batch_size, cfg.temperature,
-                                           k) if cfg.num_minibatches > 1 else None)
+    N = batch["completion_mask"].shape[0]
+
+    def logprobs(model, b):  # [n, c] no gradients
+        return sequence_logprobs(model, b, cfg.micro_batch_size, cfg.temperature,
+                                 cfg.logprob_chunk_size, cfg.shared_prompt)
+
+    batch["old_logp"] = logprobs(policy, batch) if cfg.num_minibatches > 1 else None
     batch["old_rows"] = torch.full((N,), cfg.num_minibatches > 1)  # [N]
     if "sampled_context" in batch:
         rows, ctx = batch["sampled_context"]
         old = batch["old_logp"] if batch["old_logp"] is not None else torch.zeros(
             batch["completion_mask"].shape)  # [N, C]
-        there = sequence_logprobs(policy, ctx, cfg.micro_batch_size, cfg.temperature, k)  # [n, c]
+        there = logprobs(policy, ctx)  # [n, c]
         old[rows, :there.shape[1]] = there
         batch["old_logp"], batch["old_rows"][rows] = old, True
-    batch["ref_logp"] = (sequence_logprobs(ref_model, batch, cfg.micro_batch_size,
-                                           cfg.temperature, k) if ref_model is not None else None)
+    batch["ref_logp"] = logprobs(ref_model, batch) if ref_model is not None else None
     return batch
 
 
@@ -983,9 +1027,10 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
             last = s + cfg.micro_batch_size >= rows.stop
             with (model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()):
                 mask = mb["completion_mask"]  # [b, c]
-                logp, entropy = completion_logprobs(model, mb["input_ids"], mb["attention_mask"],
-                                                    mask.shape[1], cfg.temperature, True,
-                                                    cfg.logprob_chunk_size)  # [b, c], [b, c]
+                logp, entropy = completion_logprobs(
+                    model, mb["input_ids"], mb["attention_mask"], mask.shape[1], cfg.temperature,
+                    True, cfg.logprob_chunk_size,
+                    mb.get("group") if cfg.shared_prompt else None)  # [b, c], [b, c]
                 # With one mini-batch per step pi_old is the policy itself, and the ratio is
                 # exactly 1: no need for a separate no-grad pass, logp.detach() is pi_old
                 # (except for rows whose pi_old was taken behind another prompt: old_rows).

@@ -206,8 +206,10 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-# Keys that change no result: a tracker (and results made before log.report_to existed lack it).
-NO_RESULT_KEYS = {"log.report_to"}
+# Keys that change no result: a tracker (results made before log.report_to existed lack it) and
+# train.shared_prompt (the same log-probs and gradients, computed with fewer FLOPs; equal to
+# float rounding, tests/test_shared_prompt.py).
+NO_RESULT_KEYS = {"log.report_to", "train.shared_prompt"}
 
 
 def reuse(path: Path, cfg, rerun_stale: bool) -> dict | None:

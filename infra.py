@@ -635,6 +635,46 @@ def lockstep_fn(model):
     return max_over_ranks
 
 
+def prompt_cache(model, prompt=None, rows=None):
+    """The KV cache of ampo.completion_logprobs' shared prompts, in transformers' Cache API.
+
+    prompt_cache(model): an empty cache that records each layer's keys and values of the
+    prompts' pass. prompt_cache(model, recorded, rows): a cache that serves those of
+    recorded's prompt rows[i] to answer row i, read-only: each layer returns [prompt | answer]
+    and keeps nothing, so that the answers' pass can run any number of times on it. That is
+    what gradient checkpointing does (it runs every layer again in the backward); HF drops a
+    cache under checkpointing unless the layer says it only reads it (_can_checkpoint_with_cache),
+    which with these two caches is safe: recording again writes the same tensors.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    class PromptLayer(DynamicLayer):  # a transformers cache layer must be one of its classes
+        def __init__(self, keys=None, values=None):
+            super().__init__()
+            self.read_only = keys is not None
+            if self.read_only:
+                self.lazy_initialization(keys, values)
+                self.keys, self.values = keys, values  # [n, kv heads, P, head dim]
+
+        def update(self, keys, values, *args, **kwargs):
+            if self.read_only:  # [n, kv heads, P + C, head dim]
+                return torch.cat([self.keys, keys], -2), torch.cat([self.values, values], -2)
+            self.lazy_initialization(keys, values)
+            self.keys, self.values = keys, values
+            return keys, values
+
+    inner = getattr(model, "module", model)  # DDP wraps the model in .module
+    for m in inner.modules():
+        if isinstance(m, GradientCheckpointingLayer):
+            m._can_checkpoint_with_cache = True
+    cache = DynamicCache()
+    cache.layers = ([PromptLayer() for _ in range(inner.config.num_hidden_layers)] if prompt is None
+                    else [PromptLayer(x.keys[rows], x.values[rows]) for x in prompt.layers])
+    return cache
+
+
 def wrap_model(model, cfg):
     """The model the training step runs: DDP or FSDP2 under torchrun, else the model itself.
 

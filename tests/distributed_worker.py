@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py, once as one process and once under torchrun (gloo, CPU).
 
-    python tests/distributed_worker.py step MODEL_DIR OUT LOSS_TYPE PARALLELISM
+    python tests/distributed_worker.py step MODEL_DIR OUT LOSS_TYPE PARALLELISM SHARED_PROMPT
     python -m torch.distributed.run --nproc_per_node=2 tests/distributed_worker.py step ...
     python -m torch.distributed.run --nproc_per_node=2 tests/distributed_worker.py guide DIR OUT
     python -m torch.distributed.run --nproc_per_node=2 tests/distributed_worker.py nan JSON
@@ -8,7 +8,8 @@
 
 `step`: one train_on_batch on a fixed global batch of 2 groups x 4 answers of different
 lengths, each rank taking its contiguous share (one group each), with SGD at learning rate 1,
-so the weights after the step are the weights before it minus the gradient. The updated
+so the weights after the step are the weights before it minus the gradient; SHARED_PROMPT
+(1 or 0) sets train.shared_prompt, each group's prompt run once or per answer. The updated
 weights and the step's metrics go to the checkpoint folder OUT/checkpoint-1.
 
 `guide`: apply_guidance under FSDP2 with one group per rank, where only rank 0's group needs
@@ -48,16 +49,17 @@ def global_batch(vocab: int) -> dict:
     group_len = completion_mask.sum(-1).float().view(2, 4).mean(-1).repeat_interleave(4)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "group_len": group_len,
             "completion_mask": completion_mask, "off_policy_mask": off[:, None] & completion_mask,
+            "group": torch.arange(2).repeat_interleave(4),
             "advantages": ampo.group_advantages(rewards, 4), "old_logp": None, "ref_logp": None,
             "sampler_logp": torch.zeros(completion_mask.shape), "has_sampler": torch.zeros(8) > 0}
 
 
-def step(model_dir: str, out: str, loss_type: str, parallelism: str):
+def step(model_dir: str, out: str, loss_type: str, parallelism: str, shared: str):
     rank, world = infra.init_distributed()
     policy, tokenizer = infra.load_model(ampo.ModelConfig(name_or_path=model_dir))
     cfg = ampo.TrainConfig(loss_type=loss_type, parallelism=parallelism, num_minibatches=1,
                            micro_batch_size=2, max_grad_norm=1e9, max_completion_length=8,
-                           entropy_coeff=0.01)
+                           entropy_coeff=0.01, shared_prompt=shared == "1")
     batch = global_batch(policy.config.vocab_size)
     share = 8 // world  # this rank's rows: whole groups
     batch = {k: (v[rank * share:(rank + 1) * share] if v is not None else None)

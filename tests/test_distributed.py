@@ -33,15 +33,18 @@ def run(args, nproc=1, cwd=ROOT):
     return done
 
 
-@pytest.mark.parametrize("loss_type,parallelism", [("dr_grpo", "ddp"), ("dapo", "ddp"),
-                                                    ("grpo", "ddp"), ("dapo", "fsdp"),
-                                                    ("group_mean", "ddp")])
-def test_two_ranks_update_like_one_process(tiny_model_dir, tmp_path, loss_type, parallelism):
+@pytest.mark.parametrize("loss_type,parallelism,shared", [
+    ("dr_grpo", "ddp", "1"), ("dapo", "ddp", "0"), ("grpo", "ddp", "1"), ("dapo", "fsdp", "1"),
+    ("dapo", "fsdp", "0"), ("group_mean", "ddp", "1")])
+def test_two_ranks_update_like_one_process(tiny_model_dir, tmp_path, loss_type, parallelism,
+                                           shared):
     """One SGD step at learning rate 1 (weights after = weights before - gradient), read back
-    from the checkpoint each run writes; FSDP2 runs on CPU with gloo as well."""
+    from the checkpoint each run writes; FSDP2 runs on CPU with gloo as well. The one process
+    reads every prompt once per answer (the padded batch); the two ranks with shared "1" run
+    each group's prompt once (train.shared_prompt), its two forwards under DDP and FSDP2."""
     one, two = tmp_path / "one", tmp_path / "two"
-    run([WORKER, "step", tiny_model_dir, str(one), loss_type, "ddp"])
-    run([WORKER, "step", tiny_model_dir, str(two), loss_type, parallelism], nproc=2)
+    run([WORKER, "step", tiny_model_dir, str(one), loss_type, "ddp", "0"])
+    run([WORKER, "step", tiny_model_dir, str(two), loss_type, parallelism, shared], nproc=2)
     assert (two / "checkpoint-1" / "rng_state_1.pt").exists()  # every rank saves its generators
     a, b = (infra.load_model(ampo.ModelConfig(name_or_path=str(p / "checkpoint-1")))[0]
             for p in (one, two))

@@ -1,0 +1,111 @@
+"""The prompt once per group (train.shared_prompt) vs every answer reading its own copy.
+
+    HF_HUB_OFFLINE=1 python bench/shared_prompt.py                 # config.yaml's default step
+    HF_HUB_OFFLINE=1 python bench/shared_prompt.py --regime hard   # compare.py's hard regime
+    python bench/shared_prompt.py --tiny                           # the smoke test's tiny model
+
+One training step's rollout, sampled as configured, then on that same batch, side by side in
+this one process, alternating, train.shared_prompt false (the padded batch) vs true:
+
+  1. the update (train_on_batch, learning rate 0 so that every repeat sees the same weights),
+     and the no-grad log-prob pass a pi_old or reference model takes (sequence_logprobs);
+  2. the whole step: the rollout's measured time (sampling, rewards: the same for both paths)
+     plus each path's update;
+  3. how far apart the two paths' log-probs are (max |difference|), the tokens each forward
+     reads, and the prompt's share of them.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import ampo  # noqa: E402
+import common  # noqa: E402
+import infra  # noqa: E402
+
+REGIMES = {"default": [], "hard": ["--data.train_file=data/train_hard.jsonl"]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--regime", choices=REGIMES, default="default")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    out_file = args.out or os.path.join(ROOT, "bench", "results", f"shared_prompt_{args.regime}.json")
+    cfg = infra.load_config(os.path.join(ROOT, "config.yaml"), REGIMES[args.regime], ampo.Config,
+                            ("ghpo",))
+    t = cfg.train
+    if args.tiny:
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        from conftest import make_tiny_model
+
+        cfg.model.name_or_path, t.max_completion_length = make_tiny_model(tempfile.mkdtemp()), 8
+        args.repeats, t.verifier_workers = 1, 0
+    torch.manual_seed(0)
+    policy, tok = infra.load_model(cfg.model)
+    model = infra.wrap_model(policy.train(), t)
+    infra.attach_engine(policy, cfg, infra.model_path(cfg.model.name_or_path))
+    data, _ = infra.load_dataset(os.path.join(ROOT, cfg.data.train_file), 4, workers=0)
+    rows = data[:t.prompts_per_step]
+    prompts = [infra.build_prompt(tok, r, cfg.data.prompt_template, cfg.data.system_prompt,
+                                  cfg.data.example) for r in rows]
+    rollout_s, (rollout, _) = common.timed(lambda: ampo.sample_groups(policy, tok, rows, prompts,
+                                                                      cfg))
+    batch = ampo.add_logprobs(ampo.build_batch(tok, rollout, t), policy, None, t)
+
+    # 1. The update and the no-grad pass, each path in turn, learning rate 0 (the scheduler's
+    # base: it sets each update's rate from it) so that every repeat sees the same weights.
+    t.learning_rate = 0.0
+    optimizer, scheduler = infra.make_optimizer(model, t)
+    paths = {"padded (shared_prompt false)": False, "shared (shared_prompt true)": True}
+    update, nograd, logp = ({p: [] for p in paths} for _ in range(3))
+    for _ in range(args.repeats):
+        for name, shared in paths.items():
+            t.shared_prompt = shared
+            update[name].append(common.timed(lambda: ampo.train_on_batch(
+                model, optimizer, scheduler, batch, t, cfg.ampo.shaping_gamma))[0])
+            sec, lp = common.timed(lambda: ampo.sequence_logprobs(
+                model, batch, t.micro_batch_size, t.temperature, t.logprob_chunk_size, shared))
+            nograd[name].append(sec)
+            logp[shared] = lp
+
+    # 3. What each forward reads: N rows of P + C columns, or g prompts of P plus N x C answers.
+    N, C = batch["completion_mask"].shape
+    P = batch["input_ids"].shape[1] - C
+    real_p = batch["attention_mask"][:, :P].sum(-1)  # [N] each row's prompt tokens
+    real_c = batch["completion_mask"].sum(-1)  # [N]
+    G = t.num_generations
+    tokens = {False: int(real_p.sum() + real_c.sum()), True: int(real_p[::G].sum() + real_c.sum())}
+    base_u, base_n = (common.median(x[next(iter(paths))]) for x in (update, nograd))
+    out = []
+    for name, shared in paths.items():
+        u, n = common.median(update[name]), common.median(nograd[name])
+        out.append({"path": name, "update_s": u, "update_ratio": u / base_u,
+                    "nograd_pass_s": n, "nograd_ratio": n / base_n,
+                    "step_s": rollout_s + u, "step_ratio": (rollout_s + u) / (rollout_s + base_u),
+                    "tokens_read": tokens[shared]})
+    m = batch["completion_mask"]
+    diff = float(((logp[True] - logp[False]) * m).abs().max())
+    print(f"rollout {rollout_s:.1f} s; {N} rows, prompt {P} columns ({float(real_p.float().mean()):.0f}"
+          f" real tokens a row), answers {float(real_c.float().mean()):.0f}; max |logp shared -"
+          f" padded| {diff:.2e}")
+    common.report(f"shared_prompt ({args.regime})", out, out_file, extra={
+        "settings": {"regime": args.regime, "prompts_per_step": t.prompts_per_step,
+                     "num_generations": G, "micro_batch_size": t.micro_batch_size,
+                     "bf16": t.bf16, "gradient_checkpointing": cfg.model.gradient_checkpointing,
+                     "repeats": args.repeats},
+        "rollout_s": rollout_s, "rows": N, "prompt_columns": P,
+        "prompt_tokens_mean": float(real_p.float().mean()),
+        "answer_tokens_mean": float(real_c.float().mean()), "max_abs_logp_diff": diff})
+
+
+if __name__ == "__main__":
+    main()
