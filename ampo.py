@@ -25,12 +25,10 @@ came before it:
   3. reward             7. the batch               11. the loop: train() and main()
   4. group advantages   8. the loss
 
-The plumbing (reading config and data files, loading the model, torchrun, checkpoints, logs,
-the command line) is in infra.py, which is not needed to understand the algorithm. The
-algorithm functions here call no collective: under torchrun, train() hands them the world size
-and the reduce functions they need. Every function is importable without side effects: tests
-and readers call them by name, and ghpo.py runs this file's training loop with its own rollout
-function (hints instead of teachers).
+The plumbing (config and data files, the model, torchrun, checkpoints, logs, the command line,
+the batch's memory savers) is in infra.py, not needed to understand the algorithm. Nothing here
+calls a collective: under torchrun, train() hands the world size and reduce functions down.
+Importing this file has no side effects; ghpo.py runs its training loop with its own rollout.
 """
 
 from __future__ import annotations
@@ -51,11 +49,10 @@ import verify
 # =============================================================================================
 # 1. Config: the knobs, their defaults, and one check of them all
 # =============================================================================================
-# Knob names follow TRL's GRPOConfig where TRL has the knob, so readers recognise them; the
-# method's own knobs live in the `ampo:` block. Every default below is the official AMPO
-# release (its exp_scripts/train_ampo.sh) unless its comment says otherwise; config.yaml scales
-# it down to a CPU. infra.load_config reads a YAML file and `--section.key=value` overrides
-# into these dataclasses; check_config, at the end of this section, checks every value.
+# Knob names follow TRL's GRPOConfig where TRL has the knob; the method's own are in `ampo:`.
+# Every default is the official AMPO release's (exp_scripts/train_ampo.sh) unless its comment
+# says otherwise; config.yaml scales it down to a CPU. infra.load_config reads YAML and
+# `--section.key=value` overrides into these dataclasses; check_config checks every value.
 
 
 @dataclass
@@ -109,10 +106,8 @@ class TrainConfig:
     answer_rule: str = "ours"  # ours | ampo | ghpo: which answer counts (verify.py section 1)
     verifier_workers: int = 2  # processes of verify.verify_batch
     verifier_timeout: float = 5.0  # seconds (whole) per math-verify call; a timeout is wrong
-    # Scale (infra.py, section 4): under torchrun, DDP replicates the model on every rank;
-    # FSDP2 shards weights, gradients and optimizer state across ranks (7B-class models). bf16
-    # computes in bfloat16 (CUDA, or a CPU with avx512_bf16) while weights and optimizer state
-    # stay float32; with sampler "loop" the rollouts come from a bfloat16 copy (sampler.py).
+    # Scale (infra.py section 4): DDP replicates the model on every rank, FSDP2 shards it (7B).
+    # bf16: bfloat16 compute (CUDA, or a CPU with avx512_bf16), float32 weights and Adam.
     parallelism: str = "ddp"  # ddp | fsdp; one process (plain python) uses neither
     bf16: bool = False
     sampler: str = "generate"  # generate (HF) | loop (sampler.py: the fast CPU decode loop)
@@ -121,9 +116,8 @@ class TrainConfig:
     vllm_gpu_memory_utilization: float = 0.3  # share of each GPU the engine may take
     vllm_max_model_len: int = 0  # 0: max_prompt_length + max_completion_length
     vllm_enable_sleep_mode: bool = False  # free the engine's memory during the update
-    # The sampler is not the policy (sections 7-8): importance weights pi_old / pi_sampler on the
-    # policy's own tokens, TRL's modes (none | token_truncate | token_mask | sequence_truncate |
-    # sequence_mask) and cap. The head runs over logprob_chunk_size tokens at a time (0: all).
+    # The sampler is not the policy: importance weights pi_old / mu, TRL's modes and cap (section
+    # 8). The head runs over logprob_chunk_size tokens at a time (0: all, section 7).
     importance_sampling_mode: str = "none"
     importance_sampling_cap: float = 3.0
     logprob_chunk_size: int = 256
@@ -180,8 +174,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# The allowed values of every enum knob and the range of every numeric one (a rule of
-# infra.RULES: the keys it holds for); check_config checks them all before anything loads.
+# The allowed values of every enum knob; check_config checks them, and the range of every
+# numeric knob (infra.RANGES), before anything loads.
 LOSS_TYPES = ("dr_grpo", "dapo", "grpo", "group_mean")
 TRIGGERS = ("adaptive", "hybrid", "always", "never")
 SELECTIONS = ("comprehension", "random", "dataset")
@@ -190,29 +184,10 @@ COMPREHENSION_INPUTS = ("span", "official")
 IS_MODES = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 ENUMS = {"model.dtype": tuple(infra.DTYPES), "train.loss_type": LOSS_TYPES,
          "train.parallelism": ("ddp", "fsdp"), "train.answer_rule": verify.RULES,
-         "train.sampler": ("generate", "loop"), "ampo.trigger": TRIGGERS,
-         "ampo.selection": SELECTIONS, "ampo.comprehension_score": COMPREHENSION_SCORES,
-         "ampo.comprehension_input": COMPREHENSION_INPUTS,
-         "train.importance_sampling_mode": IS_MODES}
-RANGES = {
-    "at least 1": "train.max_steps train.prompts_per_step train.max_completion_length "
-                  "train.num_minibatches train.micro_batch_size train.max_skipped_steps "
-                  "ampo.comprehension_batch_size train.importance_sampling_cap "
-                  "data.max_prompt_length eval.num_samples eval.prompts_per_batch",
-    # A group of one is its own baseline: its advantage is always 0 (NaN with scale_rewards).
-    "at least 2": "train.num_generations",
-    "at least 0": "train.learning_rate train.weight_decay train.warmup_steps train.epsilon "
-                  "train.epsilon_high train.beta train.verifier_workers train.vllm_max_model_len "
-                  "train.logprob_chunk_size "
-                  "ampo.num_off_policy_targets ampo.max_available_targets log.sample_every "
-                  "log.save_every log.keep_last eval.every eval.max_problems",
-    "above 0": "train.temperature train.max_grad_norm train.verifier_timeout ampo.shaping_gamma "
-               "eval.temperature",
-    "above 1": "train.clip_ratio_c",  # the dual clip must not cut the loss at ratio 1 (verl)
-    "in (0, 1]": "train.top_p eval.top_p train.vllm_gpu_memory_utilization",
-    "in [0, 1]": "train.format_weight ampo.hybrid_prob",
-    "in [0, 1)": "train.adam_beta1 train.adam_beta2",  # what torch.optim.AdamW accepts
-}
+         "train.sampler": ("generate", "loop"), "train.importance_sampling_mode": IS_MODES,
+         "ampo.trigger": TRIGGERS, "ampo.selection": SELECTIONS,
+         "ampo.comprehension_score": COMPREHENSION_SCORES,
+         "ampo.comprehension_input": COMPREHENSION_INPUTS}
 
 
 def check_config(cfg: Config, world: int = 1):
@@ -224,11 +199,11 @@ def check_config(cfg: Config, world: int = 1):
     ...
     infra.InputError: config key train.loss_type: one of dr_grpo|dapo|grpo|group_mean, got 'bnpo'
     """
-    infra.check_config(cfg, world, ENUMS, RANGES)
+    infra.check_config(cfg, world, ENUMS)
 
 
 # =============================================================================================
-# 2. Rollout: G sampled completions per prompt (HF generate)
+# 2. Rollout: G sampled completions per prompt
 # =============================================================================================
 # The policy answers every prompt G times, sampling at train.temperature. The G answers of a
 # prompt form its group: the group is the unit of everything that follows (its rewards make the
@@ -243,39 +218,14 @@ def generate(model, tokenizer, prompts: list[str], num_generations: int, max_new
     completions[i * G + j] is the token list of answer j to prompt i, up to and including its
     first stop token; truncated[...] is True when it hit max_new_tokens without stopping;
     logps[...] the sampler's log-prob of each of its tokens, log softmax(logits / T) before the
-    top-p cut, as the trainer computes pi_old (section 8 compares the two).
-    A vLLM engine (train.use_vllm) or the CPU decode loop (train.sampler: loop) samples instead
-    when infra.attach_engine gave the policy one; both keep this contract.
+    top-p cut, as the trainer computes pi_old (section 8 compares the two). The stop token
+    stays: the policy must learn to stop (with pad == eos a mask from token ids would hide it).
+    Three samplers keep this contract, all plain sampling (top_k off, no repetition penalty):
+    HF generate on the policy (sampler.hf_generate), or the vLLM engine (train.use_vllm) or
+    CPU decode loop (train.sampler: loop) that infra.attach_engine gave the policy.
     """
-    engine = infra.rollout_engine(model)  # vllm_engine.generate, sampler.generate or None
-    if engine is not None:
-        return engine(tokenizer, prompts, num_generations, max_new_tokens, temperature, top_p)
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
-                    add_special_tokens=False).to(model.device)
-    stop = tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=enc.input_ids.repeat_interleave(num_generations, 0),  # [B*G, P]
-            attention_mask=enc.attention_mask.repeat_interleave(num_generations, 0),
-            do_sample=True, temperature=temperature, top_p=top_p, top_k=0,  # plain sampling
-            max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
-            use_cache=True, output_logits=True, return_dict_in_generate=True)
-    model.train(was_training)
-    new = out.sequences[:, enc.input_ids.shape[1]:]  # [B*G, C]
-    # log softmax(logits / T) of each sampled token, one decode step ([B*G, V]) at a time
-    logps = torch.stack([(step.float() / temperature).log_softmax(-1).gather(
-        -1, new[:, t:t + 1]).squeeze(-1) for t, step in enumerate(out.logits)], 1)  # [B*G, C]
-    completions, truncated, sampler_logps = [], [], []
-    for row, lp in zip(new.tolist(), logps.tolist()):
-        # Keep tokens up to the first stop token, which itself stays: the policy must learn to
-        # stop, and with pad == eos a mask built from token ids would wrongly hide it.
-        cut = row.index(stop) + 1 if stop in row else len(row)
-        completions.append(row[:cut])
-        truncated.append(stop not in row)
-        sampler_logps.append(lp[:cut])
-    return completions, truncated, sampler_logps
+    engine = infra.rollout_engine(model)  # vllm_engine / sampler.generate, sampler.hf_generate
+    return engine(tokenizer, prompts, num_generations, max_new_tokens, temperature, top_p)
 
 
 # =============================================================================================
@@ -334,20 +284,11 @@ def put_answer(rollout: dict, s: int, completion: list[int], text: str, reward: 
     rollout["sampler_logp"][s] = None  # no sampler: the importance correction never touches it
 
 
-def score_completions(texts: list[str], golds: list[str], cfg: TrainConfig):
-    """(rewards, correct) for decoded completions; `correct` ignores format and penalties."""
-    return verify.reward_batch(texts, golds, format_weight=cfg.format_weight,
-                               repetition_penalty=cfg.repetition_penalty, rule=cfg.answer_rule,
-                               workers=cfg.verifier_workers, timeout=cfg.verifier_timeout)
-
-
 def sample_groups(model, tokenizer, rows: list[dict], prompt_texts: list[str],
                   cfg: Config) -> tuple[dict, dict]:
     """Generate G completions per prompt and score them. Returns (rollout, times).
-
-    rollout["prompts"] is the text each group was sampled from, so it is the text the loss
-    conditions on (GHPO replaces it by a hinted prompt for the groups it regenerates).
-    """
+    rollout["prompts"] is the text each group was sampled from and the loss conditions on (GHPO
+    replaces it by a hinted prompt for the groups it regenerates)."""
     t, G, times = cfg.train, cfg.train.num_generations, {}
     tick = time.perf_counter()
     completions, truncated, logps = generate(model, tokenizer, prompt_texts, G,
@@ -356,7 +297,11 @@ def sample_groups(model, tokenizer, rows: list[dict], prompt_texts: list[str],
     tick = time.perf_counter()
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     golds = [row["answer"] for row in rows for _ in range(G)]
-    rewards, correct = score_completions(texts, golds, t)
+    # (rewards, correct): `correct` ignores format and penalties
+    rewards, correct = verify.reward_batch(texts, golds, format_weight=t.format_weight,
+                                           repetition_penalty=t.repetition_penalty,
+                                           rule=t.answer_rule, workers=t.verifier_workers,
+                                           timeout=t.verifier_timeout)
     times["reward"] = time.perf_counter() - tick
     return make_rollout(prompt_texts, completions, texts, rewards, correct, truncated,
                         sampler_logp=logps), times
@@ -467,10 +412,10 @@ def comprehension_inputs(tokenizer, prompt: str, response: str, gold: str, rule:
     """Token ids of prompt + response with its final answer replaced by `gold`, and a mask.
 
     Returns (ids, gold_mask) or None when the response has no final answer to replace (rule
-    "span": verify.gold_in_final_answer, at the final answer that answer_rule, the run's
-    train.answer_rule, grades; "official": verify.gold_in_answer_tag). The text is
-    re-tokenized as one string (as the official code does), and the gold tokens are those whose
-    characters overlap the gold's span, found with offsets (official mix_dapo_trainer.py L2225).
+    "span": verify.gold_in_final_answer, at the final answer train.answer_rule grades;
+    "official": verify.gold_in_answer_tag). The text is re-tokenized as one string (as the
+    official code does); the gold tokens are those whose characters overlap the gold's span,
+    found with offsets (official mix_dapo_trainer.py L2225).
     """
     built = (verify.gold_in_answer_tag(response, gold, tokenizer.eos_token) if rule == "official"
              else verify.gold_in_final_answer(response, gold, answer_rule))
@@ -504,21 +449,12 @@ def comprehension_scores(model, tokenizer, prompts: list[str], responses: list[s
     was_training = model.training
     model.eval()
     own = math.ceil(len(todo) / batch_size)
-    for _ in range((num_batches or own) - own):  # lockstep padding (FSDP2), see the docstring
-        with torch.no_grad():
-            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=model.device))
+    infra.dummy_forwards(model, (num_batches or own) - own)  # FSDP2's lockstep, see above
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        L = max(len(items[i][0]) for i in chunk)
-        ids = torch.full((len(chunk), L), tokenizer.pad_token_id, dtype=torch.long)  # [n, L]
-        attn = torch.zeros((len(chunk), L), dtype=torch.long)  # [n, L]
-        gold = torch.zeros((len(chunk), L), dtype=torch.bool)  # [n, L]
-        for row, i in enumerate(chunk):  # right padding: positions are plain 0..len-1
-            seq, mask = items[i]
-            ids[row, :len(seq)] = torch.tensor(seq)
-            attn[row, :len(seq)] = 1
-            gold[row, :len(seq)] = torch.tensor(mask)
-        ids, attn, gold = ids.to(model.device), attn.to(model.device), gold.to(model.device)
+        # [n, L] each: ids, attention mask, gold mask; right padding, positions plain 0..len-1
+        ids, attn, gold = (x.to(model.device) for x in infra.right_pad([items[i] for i in chunk],
+                                                                       tokenizer.pad_token_id))
         # Only the logits that predict a gold token are needed: the columns c whose next token
         # is gold in some row (the head and log-softmax over the vocabulary are most of the cost).
         cols = gold[:, 1:].any(0).nonzero().squeeze(-1)  # [k]
@@ -550,9 +486,9 @@ def apply_guidance(rollout: dict, rows: list[dict], prompt_texts: list[str], mod
                    cfg: Config, rng: random.Random, lockstep=None) -> dict:
     """Guidance on demand, in place: replace wrong rollouts of failing groups by teachers.
 
-    `rollout` is sample_groups()'s (section 3). Returns metrics. lockstep(n) -> the number of
-    scoring batches to run when this rank has n (FSDP2 on several ranks, infra.lockstep_fn):
-    called exactly once per call, on every rank, whether or not the rank has anything to score.
+    `rollout` is sample_groups()'s (section 3). Returns metrics. lockstep(n): the number of
+    scoring batches to run when this rank has n (FSDP2, infra.lockstep_fn), called once per call
+    on every rank, whether or not the rank has anything to score.
     """
     a, G = cfg.ampo, cfg.train.num_generations
     # Solved as the official trigger counts it: R > w + 0.5 (w = format_weight; official
@@ -652,9 +588,7 @@ def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id
 
     Returns input_ids [N, P + C], attention_mask [N, P + C], completion_mask [N, C].
     """
-    P = max(len(p) for p in prompts)
-    C = max(len(c) for c in completions)
-    N = len(prompts)
+    P, C, N = max(map(len, prompts)), max(map(len, completions)), len(prompts)
     input_ids = torch.full((N, P + C), pad_id, dtype=torch.long)  # [N, P + C]
     attention_mask = torch.zeros((N, P + C), dtype=torch.long)  # [N, P + C]
     for i, (p, c) in enumerate(zip(prompts, completions)):
@@ -663,23 +597,6 @@ def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id
         attention_mask[i, P - len(p):P + len(c)] = 1
     completion_mask = attention_mask[:, P:].bool()  # [N, C]
     return input_ids, attention_mask, completion_mask
-
-
-def micro_batch(batch: dict, rows: slice) -> dict:
-    """The rows of a padded batch, with columns that are padding in all of them cut away."""
-    cm = batch["completion_mask"][rows]  # [b, C]
-    C = int(cm.sum(-1).max())
-    am = batch["attention_mask"][rows]  # [b, P + C_full]
-    P = batch["attention_mask"].shape[1] - batch["completion_mask"].shape[1]
-    first = int((am[:, :P].sum(0) > 0).nonzero()[0]) if am[:, :P].any() else P
-    out = {"input_ids": batch["input_ids"][rows, first:P + C],  # [b, P' + C]
-           "attention_mask": am[:, first:P + C], "completion_mask": cm[:, :C]}  # [b, C]
-    for key in ("old_logp", "ref_logp", "off_policy_mask", "sampler_logp"):
-        if batch.get(key) is not None:
-            out[key] = batch[key][rows, :C]  # [b, C]
-    out.update({k: batch[k][rows] for k in ("advantages", "group_len", "has_sampler", "old_rows",
-                                            "group") if k in batch})  # [b]
-    return out
 
 
 def token_logprobs(head, hidden, targets, temperature: float = 1.0, with_entropy: bool = False,
@@ -698,35 +615,6 @@ def token_logprobs(head, hidden, targets, temperature: float = 1.0, with_entropy
     return logp, -(logp_all.exp() * logp_all).sum(-1)  # [n], [n]
 
 
-def shared_prompt_hidden(model, input_ids, attention_mask, position_ids, C: int, groups):
-    """The final hidden states before each completion token, [N, C, H], with every prompt run
-    once: equal to the padded batch's, to float rounding (tests/test_ampo.py).
-
-    groups [N]: rows with the same value share one prompt (a group's G answers, teachers
-    included, all behind the prompt the group is trained on). The prompts' pass runs over one
-    row per group and records each layer's keys and values; the answers' pass runs over the C
-    completion columns alone, each row attending to its group's prompt keys and values through
-    a read-only cache (infra.prompt_cache). In the backward the gradients of the G readers of
-    one prompt add up in the rows they were copied from, as the padded batch's G prompt copies
-    would: the same sum, computed once. The first completion token is predicted by the
-    prompt's last column, so that hidden state is copied to the group's rows too.
-    """
-    N, P = input_ids.shape[0], input_ids.shape[1] - C
-    _, row_group = torch.unique(groups, return_inverse=True)  # [N] 0..g-1
-    first = torch.full((int(row_group.max()) + 1,), N, device=groups.device).scatter_reduce(
-        0, row_group, torch.arange(N, device=groups.device), "amin")  # [g] each group's first row
-    none = torch.zeros(0, dtype=torch.long, device=input_ids.device)  # logits_to_keep: none
-    recorded = infra.prompt_cache(model)
-    out = model(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
-                position_ids=position_ids[first, :P], past_key_values=recorded,
-                logits_to_keep=none, output_hidden_states=True, use_cache=False)  # [g, P]
-    last = out.hidden_states[-1][:, -1][row_group]  # [N, H] predicts completion token 1
-    out = model(input_ids=input_ids[:, P:], attention_mask=attention_mask,  # [N, P + C]: both
-                position_ids=position_ids[:, P:], logits_to_keep=none, output_hidden_states=True,
-                past_key_values=infra.prompt_cache(model, recorded, row_group), use_cache=False)
-    return torch.cat([last.unsqueeze(1), out.hidden_states[-1][:, :-1]], 1), out  # [N, C, H]
-
-
 def completion_logprobs(model, input_ids, attention_mask, num_completion: int,
                         temperature: float = 1.0, with_entropy: bool = False,
                         chunk_size: int = 0, groups=None):
@@ -735,14 +623,11 @@ def completion_logprobs(model, input_ids, attention_mask, num_completion: int,
     The logit at column t predicts the token at column t + 1 (the off-by-one every RL trainer
     has to get right), so the completion's log-probs come from the C hidden states before it.
     groups [N] (train.shared_prompt): rows of one group share their prompt's forward
-    (shared_prompt_hidden); None: every row reads its own copy (the padded batch). The
-    vocabulary head is the pass's largest activation: [N, C, V] logits, and the float32
-    log-softmax, its exp and the entropy's product are each one more copy (bench/memory.py
-    counts them). So the model returns its final hidden states only (logits_to_keep=[]: its
-    head runs over no column) and the head runs here over chunk_size tokens at a time (0: all
-    at once). With gradients each chunk is recomputed in the backward (torch.utils.checkpoint)
-    instead of kept: no [N, C, V] tensor lives, forward or backward. Same values, same
-    gradients (tests/test_ampo.py); the price is one more head forward per chunk.
+    (infra.shared_prompt_hidden); None: every row reads its own copy (the padded batch). The
+    head's [N, C, V] logits and their float32 log-softmax, exp and entropy product are the
+    pass's largest tensors, so the model returns its final hidden states only and the head runs
+    here over chunk_size tokens at a time (0: all at once), each chunk recomputed in the backward
+    (torch.utils.checkpoint) instead of kept. Same values and gradients (tests/test_ampo.py).
     """
     # Left padding shifts every prompt; positions must count real tokens only.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [N, L]
@@ -753,8 +638,8 @@ def completion_logprobs(model, input_ids, attention_mask, num_completion: int,
                     output_hidden_states=True, use_cache=False)
         hidden = out.hidden_states[-1][:, -C - 1:-1]  # [N, C, H], after the last norm
     else:
-        hidden, out = shared_prompt_hidden(model, input_ids, attention_mask, position_ids, C,
-                                           groups)  # [N, C, H]
+        hidden, out = infra.shared_prompt_hidden(model, input_ids, attention_mask,
+                                                 position_ids, C, groups)  # [N, C, H]
     hidden = hidden.reshape(N * C, -1)  # [N*C, H]
     targets = input_ids[:, -C:].reshape(N * C)  # [N*C]
     bf16 = out.logits.dtype == torch.bfloat16  # the model's own head ran under autocast: ours too
@@ -790,8 +675,7 @@ def build_batch(tokenizer, rollout: dict, cfg: TrainConfig) -> dict:
     group_len = completion_mask.sum(-1).float().view(-1, G).mean(-1).repeat_interleave(G)  # [N]
     sampler_logp = torch.zeros(completion_mask.shape)  # [N, C]
     for i, lp in enumerate(rollout["sampler_logp"]):
-        if lp is not None:
-            sampler_logp[i, :len(lp)] = torch.tensor(lp)
+        sampler_logp[i, :len(lp or [])] = torch.tensor(lp or [])
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "group_len": group_len,
              "completion_mask": completion_mask, "off_policy_mask": off,
              "sampler_logp": sampler_logp,  # [N, C]
@@ -817,7 +701,7 @@ def sequence_logprobs(model, batch: dict, micro_batch_size: int, temperature: fl
     out = torch.zeros((N, C))  # [N, C]
     with torch.no_grad():
         for s in range(0, N, micro_batch_size):
-            mb = micro_batch(batch, slice(s, s + micro_batch_size))
+            mb = infra.micro_batch(batch, slice(s, s + micro_batch_size))
             c = mb["completion_mask"].shape[1]
             groups = mb["group"].to(model.device) if shared_prompt else None  # [b]
             logp, _ = completion_logprobs(model, mb["input_ids"].to(model.device),
@@ -832,12 +716,10 @@ def add_logprobs(batch: dict, policy, ref_model, cfg: TrainConfig) -> dict:
 
     pi_old needs its own no-grad pass only when a step makes more than one update: after the
     first optimizer step the policy is no longer the one that sampled. With one update per
-    step (num_minibatches 1) pi_old IS the policy, so the ratio is exactly 1 and the training
-    step takes logp.detach() instead, saving a whole forward pass over the batch. Rows trained
-    behind another prompt than they were sampled from (batch["sampled_context"]) are the
-    exception: their pi_old is the policy's log-prob behind the prompt that sampled them, so
-    the ratio becomes pi_theta(o | trained prompt) / pi_old(o | sampled prompt) (old_rows [N]
-    marks the rows whose pi_old is given).
+    step (num_minibatches 1) pi_old IS the policy: the training step takes logp.detach(), a
+    forward pass saved. Except for rows trained behind another prompt than they were sampled
+    from (batch["sampled_context"]): pi_old is the policy's behind the sampling prompt, so
+    r = pi_theta(o | trained prompt) / pi_old(o | sampled prompt); old_rows [N] marks them.
     """
     N = batch["completion_mask"].shape[0]
 
@@ -959,8 +841,7 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str,
     """Reduce a [B, T] per-token loss of one micro-batch to its share of the step's loss.
 
     The normalisers describe the WHOLE optimizer step (all micro-batches, all ranks), so the
-    micro-batch losses simply add up to the step loss and the gradient does not depend on how
-    the batch was split. Modes, with M the completion mask and sums over the whole step:
+    micro-batch losses add up to the step loss whatever the split. Modes, with M the completion mask and sums over the whole step:
 
       dr_grpo:    sum_i sum_t M l / (max_completion_length * num_sequences)   (AMPO's code)
       dapo:       sum_i sum_t M l / num_tokens                                (token mean)
@@ -990,10 +871,9 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str,
 # =============================================================================================
 # Under torchrun every rank holds whole groups (its share of the step's prompts) and runs this
 # same step on them; the gradients meet in DDP's or FSDP2's all-reduce. For a token to weigh
-# the same whatever the number of ranks, the loss normalisers must count the whole step over
-# all ranks: the caller passes the world size and `all_sum`, a function that sums a list of
-# numbers over ranks (infra.all_sum; in one process `list`, the numbers themselves), and this
-# step never talks to other processes itself. tests/test_distributed.py checks that two ranks
+# the same whatever the number of ranks, the loss normalisers count the whole step over all
+# ranks: the caller passes the world size and `all_sum`, which sums a list of numbers over
+# ranks (infra.all_sum; in one process `list`). tests/test_distributed.py checks that two ranks
 # give the update of one process on the same global batch.
 
 
@@ -1003,9 +883,8 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
 
     batch: input_ids [N, L], attention_mask [N, L], completion_mask [N, C], advantages [N],
     off_policy_mask [N, C], old_logp [N, C] or None (then pi_old = pi_theta, see below),
-    ref_logp [N, C] or None. Under torchrun each rank passes its own N sequences (whole groups),
-    `model` is the DDP or FSDP2 model, world the number of ranks and all_sum the sum over them.
-    The metrics are global: the same on every rank.
+    ref_logp [N, C] or None. Under torchrun each rank passes its own N sequences (whole groups)
+    to the DDP or FSDP2 `model`; the metrics are global, the same on every rank.
     """
     N = batch["input_ids"].shape[0]
     per_mb = math.ceil(N / cfg.num_minibatches)
@@ -1019,7 +898,7 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
         norm = dict(num_sequences=len(rows) * world, num_tokens=num_tokens,
                     max_completion_length=cfg.max_completion_length)
         for s in range(rows.start, rows.stop, cfg.micro_batch_size):
-            mb = micro_batch(batch, slice(s, min(s + cfg.micro_batch_size, rows.stop)))
+            mb = infra.micro_batch(batch, slice(s, min(s + cfg.micro_batch_size, rows.stop)))
             mb = {k: v.to(device) for k, v in mb.items()}
             norm["group_len"] = mb.get("group_len")  # [b], whole groups' lengths (group_mean)
             # DDP all-reduces gradients in every backward unless told not to: only the last
@@ -1061,36 +940,8 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
                 # The global loss is the SUM of every rank's loss (the normalisers are global),
                 # but DDP and FSDP average gradients over ranks: scale by world size to undo it.
                 (loss * world).backward()
-            with torch.no_grad():  # diagnostics only
-                on = mask & ~mb["off_policy_mask"]  # [b, c]
-                ratio = torch.exp(logp - old)  # [b, c]
-                A = mb["advantages"].unsqueeze(-1)  # [b, 1]
-                clipped = ((ratio < 1 - cfg.epsilon) & (A < 0)) | (
-                    (ratio > 1 + cfg.epsilon_high) & (A > 0))  # [b, c]
-                off = mask & mb["off_policy_mask"]  # [b, c]
-                stats["loss"] += float(loss.detach())
-                stats["entropy"] += float(ent.detach())
-                stats["clip_num"] += float((clipped & on).sum())
-                stats["on_tokens"] += float(on.sum())
-                stats["teacher_p_sum"] += float((logp.exp() * off).sum())
-                stats["off_tokens"] += float(off.sum())
-                # verl's ppo_kl: mean of log pi_old - log pi; pg_clipfrac_lower: A < 0 and r > c
-                stats["ppo_kl"] += float(((old - logp).clamp(-20, 20) * on).sum())
-                stats["dual_clip_num"] += float(((ratio > cfg.clip_ratio_c) & (A < 0) & on).sum())
-                # The sampler's mismatch: |log mu - log pi_old|, and KL(mu || pi_old) by k3,
-                # E_mu[r - 1 - log r] with r = pi_old / mu, over the tokens it sampled.
-                d = (old - mb["sampler_logp"])[sampled]  # [n]
-                stats["is_tokens"] += float(d.numel())
-                stats["is_diff_sum"] += float(d.abs().sum())
-                stats["is_kl_sum"] += float((d.exp() - 1 - d).sum())
-                stats["is_ratio_sum"] += float(r[sampled].sum())
-                if cfg.importance_sampling_mode != "none":  # truncated or masked weights
-                    stats["is_capped"] += float((w != r)[sampled].sum())
-                if d.numel():  # the extremes of this rank's tokens (rank 0's are logged)
-                    stats["is_diff_max"] = max(stats["is_diff_max"], float(d.abs().max()))
-                    stats["is_ratio_max"] = max(stats["is_ratio_max"], float(r[sampled].max()))
-                    stats["is_ratio_min"] = min(stats.get("is_ratio_min", math.inf),
-                                                float(r[sampled].min()))
+            # clip fraction, teacher-token p, the sampler's mismatch: diagnostics, for the log
+            infra.count_update(stats, mb, logp.detach(), old, loss, ent, w, r, sampled, cfg)
         # Gradients are identical on every rank now, so is their norm, so is the update.
         params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -1104,61 +955,7 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
         scheduler.step()
         stats["grad_norm"] += float(grad_norm)
         stats["updates"] += 1
-    # Sums over ranks: each rank's loss is its share of the global loss, and counts add up.
-    keys = ["loss", "entropy", "kl", "clip_num", "on_tokens", "teacher_p_sum", "off_tokens",
-            "ppo_kl", "dual_clip_num", "is_tokens", "is_diff_sum", "is_kl_sum", "is_ratio_sum",
-            "is_capped"]
-    for key, total in zip(keys, all_sum([stats[k] for k in keys])):
-        stats[key] = total
-    u = stats["updates"]
-    out = {"loss": stats["loss"] / u, "entropy": stats["entropy"] / u, "updates": u,
-           "grad_norm": stats["grad_norm"] / u, "skipped_updates": stats["skipped_updates"],
-           "clip_frac": stats["clip_num"] / max(stats["on_tokens"], 1),
-           "ppo_kl": stats["ppo_kl"] / max(stats["on_tokens"], 1),
-           "pg_clipfrac_lower": stats["dual_clip_num"] / max(stats["on_tokens"], 1),
-           "teacher_token_p": (stats["teacher_p_sum"] / stats["off_tokens"]
-                               if stats["off_tokens"] else float("nan"))}
-    # TRL's sampling/sampling_logp_difference/* and sampling/importance_sampling_ratio/*
-    n = max(stats["is_tokens"], 1)
-    out.update(sampling_logp_diff_mean=stats["is_diff_sum"] / n,
-               sampling_logp_diff_max=stats["is_diff_max"], sampling_kl=stats["is_kl_sum"] / n,
-               is_ratio_mean=stats["is_ratio_sum"] / n, is_ratio_max=stats["is_ratio_max"],
-               is_ratio_min=stats.get("is_ratio_min", float("nan")),
-               is_capped_frac=stats["is_capped"] / n)
-    if "ref_logp" in batch and batch["ref_logp"] is not None:
-        out["kl"] = stats["kl"] / u
-    return out
-
-
-def check_update(policy, batch: dict, update: dict, skipped_in_a_row: int,
-                 cfg: TrainConfig) -> int:
-    """Stop a run that cannot recover, with an error that says so. Returns how many steps in a
-    row have now skipped all their updates.
-
-    The non-finite guard above skips one bad update and the run goes on, which is right for a
-    rare bad batch. Two failures it cannot see: every update skipped, step after step (the
-    weights never change again), and weights that are finite but so large that the next
-    forward overflows (a learning rate of 1e30: the gradient itself was finite). A forward of
-    one sequence on the updated policy catches the second, before anything is saved.
-    """
-    all_skipped = update["skipped_updates"] == update["updates"]
-    skipped_in_a_row = skipped_in_a_row + 1 if all_skipped else 0
-    if skipped_in_a_row >= cfg.max_skipped_steps:
-        raise RuntimeError(f"training stopped: {skipped_in_a_row} steps in a row skipped every "
-                           f"update (non-finite gradients; train.max_skipped_steps = "
-                           f"{cfg.max_skipped_steps}). Is train.learning_rate "
-                           f"({cfg.learning_rate}) too high?")
-    probe = micro_batch(batch, slice(0, 1))
-    with torch.no_grad():
-        logp, _ = completion_logprobs(policy, probe["input_ids"].to(policy.device),
-                                      probe["attention_mask"].to(policy.device),
-                                      probe["completion_mask"].shape[1], cfg.temperature,
-                                      chunk_size=cfg.logprob_chunk_size)
-    if not torch.isfinite(logp).all():
-        raise RuntimeError(f"training diverged: the updated weights give non-finite log-probs "
-                           f"(train.learning_rate = {cfg.learning_rate} too high?); nothing of "
-                           f"this step was saved, the last checkpoint is intact")
-    return skipped_in_a_row
+    return infra.update_metrics(stats, all_sum, batch.get("ref_logp") is not None)
 
 
 # =============================================================================================
@@ -1192,9 +989,8 @@ def evaluate(model, tokenizer, cfg: Config, path: str, rank: int = 0, world: int
     """avg@n and pass@k of the policy on one test file, with the training verifier: over all
     problems, per data source (a column of the official files) and averaged over sources.
 
-    Under torchrun each rank answers a contiguous share of the problems (rank, world) and the
-    sums per source are added over ranks with all_sum (infra.all_sum). Prompts longer than
-    data.max_prompt_length tokens are dropped and counted, as in training.
+    Under torchrun each rank answers a contiguous share of the problems and the sums per
+    source are added with all_sum. Prompts over data.max_prompt_length are dropped and counted.
     """
     e, t = cfg.eval, cfg.train
     rows, prompts, dropped = infra.load_eval_prompts(cfg, tokenizer, path)
@@ -1222,11 +1018,9 @@ def evaluate(model, tokenizer, cfg: Config, path: str, rank: int = 0, world: int
 # =============================================================================================
 # 11. The loop: prompts -> rollout -> batch -> update -> log, step after step
 # =============================================================================================
-# train() reads like nanoGPT's loop: a start-up (infra.py does the plumbing: processes, seeds,
-# the run folder, the model, the data, a checkpoint on --resume), then a few labelled phases
-# per step, each one call. Under torchrun every rank runs this same loop on its own share of
-# the prompts; the ranks meet in the update (through the world size and all_sum handed to it)
-# and in the merged metrics.
+# train() reads like nanoGPT's loop: a start-up (infra.py's plumbing), then a few labelled
+# phases per step, each one call. Under torchrun every rank runs this loop on its share of the
+# prompts; the ranks meet in the update (the world size and all_sum) and the merged metrics.
 
 
 def train(cfg: Config, rollout_fn=rollout_step, log_line=infra.format_metrics,
@@ -1234,11 +1028,10 @@ def train(cfg: Config, rollout_fn=rollout_step, log_line=infra.format_metrics,
           teachers: bool = True) -> dict:
     """The whole run. Returns the last step's metrics (global, the same on every rank).
 
-    The seam for guidance methods: ghpo.py runs this loop with its own rollout function (hint
-    stages instead of teachers) and log line, as any method can (README "Adding a method").
-    require_solution asks the data loader for worked solutions, keep_row (row -> bool) skips
-    rows, teachers loads and verifies the rows' teacher responses (False for a method without
-    them). With resume, the run continues from the newest checkpoint.
+    The seam for guidance methods: ghpo.py runs it with its own rollout function and log line,
+    as any method can (README "Adding a method"). require_solution: rows need worked solutions;
+    keep_row (row -> bool) skips rows; teachers: load and verify the rows' teacher responses;
+    resume: continue from the newest checkpoint.
     """
     from tqdm import tqdm
 
@@ -1275,7 +1068,7 @@ def train(cfg: Config, rollout_fn=rollout_step, log_line=infra.format_metrics,
         batch = add_logprobs(build_batch(tokenizer, rollout, t), policy, ref_model, t)
         # 4. Update: the clipped, shaped policy loss; num_minibatches optimizer steps.
         update = train_on_batch(model, optimizer, scheduler, batch, t, gamma, world, infra.all_sum)
-        skipped = check_update(policy, batch, update, skipped, t)  # stops a run that diverged
+        skipped = infra.check_update(policy, batch, update, skipped, t)  # stops a diverged run
         infra.engine_refresh(policy, cfg)
         m["time"]["train"] = time.perf_counter() - tock
         # 5. Log, evaluate, save. This rank's metrics are merged over ranks (counts add up,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -183,6 +184,15 @@ def load_config(path: str | None, overrides: list[str], cls, foreign=()):
     return cfg
 
 
+@contextlib.contextmanager
+def tracker_errors():
+    """trackers.py's errors as InputError (it is a leaf: it raises its own, imports nothing here)."""
+    try:
+        yield
+    except trackers.TrackerError as e:
+        raise InputError(str(e)) from None
+
+
 def one_of(value, allowed, key: str):
     """An error naming the key and the allowed values unless `value` is one of them.
 
@@ -248,15 +258,37 @@ def check_template(template: str, key: str, example=()):
         raise InputError(f"config key data.example: [problem, answer] or [], got {example!r}")
 
 
-def check_config(cfg, world: int, enums: dict, ranges: dict):
+# The range of every numeric knob of ampo.py's dataclasses: a rule of RULES, the keys it holds for.
+RANGES = {
+    "at least 1": "train.max_steps train.prompts_per_step train.max_completion_length "
+                  "train.num_minibatches train.micro_batch_size train.max_skipped_steps "
+                  "ampo.comprehension_batch_size train.importance_sampling_cap "
+                  "data.max_prompt_length eval.num_samples eval.prompts_per_batch",
+    # A group of one is its own baseline: its advantage is always 0 (NaN with scale_rewards).
+    "at least 2": "train.num_generations",
+    "at least 0": "train.learning_rate train.weight_decay train.warmup_steps train.epsilon "
+                  "train.epsilon_high train.beta train.verifier_workers train.vllm_max_model_len "
+                  "train.logprob_chunk_size "
+                  "ampo.num_off_policy_targets ampo.max_available_targets log.sample_every "
+                  "log.save_every log.keep_last eval.every eval.max_problems",
+    "above 0": "train.temperature train.max_grad_norm train.verifier_timeout ampo.shaping_gamma "
+               "eval.temperature",
+    "above 1": "train.clip_ratio_c",  # the dual clip must not cut the loss at ratio 1 (verl)
+    "in (0, 1]": "train.top_p eval.top_p train.vllm_gpu_memory_utilization",
+    "in [0, 1]": "train.format_weight ampo.hybrid_prob",
+    "in [0, 1)": "train.adam_beta1 train.adam_beta2",  # what torch.optim.AdamW accepts
+}
+
+
+def check_config(cfg, world: int, enums: dict):
     """ampo.check_config's work: every enum value (enums maps a dotted key to its allowed
-    values), every numeric range (check_ranges), the prompt template, and the constraints
-    between keys and with the number of torchrun processes, `world`."""
+    values), every numeric range (RANGES), the prompt template, and the constraints between
+    keys and with the number of torchrun processes, `world`."""
     t, e = cfg.train, cfg.eval
     for key, allowed in enums.items():
         section, name = key.split(".")
         one_of(getattr(getattr(cfg, section), name), allowed, key)
-    check_ranges(cfg, ranges)
+    check_ranges(cfg, RANGES)
     check_template(cfg.data.prompt_template, "data.prompt_template", cfg.data.example)
     if t.prompts_per_step % world:
         raise InputError(f"config key train.prompts_per_step: {t.prompts_per_step} prompts "
@@ -276,7 +308,8 @@ def check_config(cfg, world: int, enums: dict, ranges: dict):
            "eval.best_metric")
     if e.every and not e.files:
         raise InputError("config key eval.every: set, but eval.files names no test file")
-    trackers.check_names(cfg.log.report_to)
+    with tracker_errors():
+        trackers.check_names(cfg.log.report_to)
 
 
 # =============================================================================================
@@ -617,6 +650,48 @@ def barrier():
         dist.barrier()
 
 
+def micro_batch(batch: dict, rows: slice) -> dict:
+    """The rows of a padded batch, with columns that are padding in all of them cut away."""
+    cm = batch["completion_mask"][rows]  # [b, C]
+    C = int(cm.sum(-1).max())
+    am = batch["attention_mask"][rows]  # [b, P + C_full]
+    P = batch["attention_mask"].shape[1] - batch["completion_mask"].shape[1]
+    first = int((am[:, :P].sum(0) > 0).nonzero()[0]) if am[:, :P].any() else P
+    out = {"input_ids": batch["input_ids"][rows, first:P + C],  # [b, P' + C]
+           "attention_mask": am[:, first:P + C], "completion_mask": cm[:, :C]}  # [b, C]
+    for key in ("old_logp", "ref_logp", "off_policy_mask", "sampler_logp"):
+        if batch.get(key) is not None:
+            out[key] = batch[key][rows, :C]  # [b, C]
+    out.update({k: batch[k][rows] for k in ("advantages", "group_len", "has_sampler", "old_rows",
+                                            "group") if k in batch})  # [b]
+    return out
+
+
+def right_pad(items: list, pad_id: int):
+    """(ids, attention mask, gold mask) [n, L] of (token ids, gold flags) pairs, right-padded:
+    ampo.comprehension_scores' batch.
+
+    >>> [x.tolist() for x in right_pad([([5, 6], [False, True]), ([7], [False])], 0)]
+    [[[5, 6], [7, 0]], [[1, 1], [1, 0]], [[False, True], [False, False]]]
+    """
+    L = max(len(seq) for seq, _ in items)
+    ids = torch.full((len(items), L), pad_id, dtype=torch.long)  # [n, L]
+    attn = torch.zeros((len(items), L), dtype=torch.long)  # [n, L]
+    gold = torch.zeros((len(items), L), dtype=torch.bool)  # [n, L]
+    for row, (seq, mask) in enumerate(items):
+        ids[row, :len(seq)], attn[row, :len(seq)] = torch.tensor(seq), 1
+        gold[row, :len(seq)] = torch.tensor(mask)
+    return ids, attn, gold
+
+
+def dummy_forwards(model, n: int):
+    """n forwards of one token, without gradients: a rank with less to score than the busiest
+    (lockstep_fn) still joins every one of FSDP2's per-layer collectives."""
+    for _ in range(n):
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=model.device))
+
+
 def lockstep_fn(model):
     """How many forward passes this rank must run, given its own count n: under FSDP2 on
     several ranks every forward is a collective, so every rank runs as many as the busiest one
@@ -673,6 +748,134 @@ def prompt_cache(model, prompt=None, rows=None):
     cache.layers = ([PromptLayer() for _ in range(inner.config.num_hidden_layers)] if prompt is None
                     else [PromptLayer(x.keys[rows], x.values[rows]) for x in prompt.layers])
     return cache
+
+
+def shared_prompt_hidden(model, input_ids, attention_mask, position_ids, C: int, groups):
+    """The final hidden states before each completion token, [N, C, H], with every prompt run
+    once: equal to the padded batch's, to float rounding (tests/test_shared_prompt.py).
+
+    groups [N]: rows with the same value share one prompt (a group's G answers, teachers
+    included, all behind the prompt the group is trained on). The prompts' pass runs over one
+    row per group and records each layer's keys and values; the answers' pass runs over the C
+    completion columns alone, each row attending to its group's prompt keys and values through
+    a read-only cache (infra.prompt_cache). In the backward the gradients of the G readers of
+    one prompt add up in the rows they were copied from, as the padded batch's G prompt copies
+    would: the same sum, computed once. The first completion token is predicted by the
+    prompt's last column, so that hidden state is copied to the group's rows too.
+    """
+    N, P = input_ids.shape[0], input_ids.shape[1] - C
+    _, row_group = torch.unique(groups, return_inverse=True)  # [N] 0..g-1
+    first = torch.full((int(row_group.max()) + 1,), N, device=groups.device).scatter_reduce(
+        0, row_group, torch.arange(N, device=groups.device), "amin")  # [g] each group's first row
+    none = torch.zeros(0, dtype=torch.long, device=input_ids.device)  # logits_to_keep: none
+    recorded = prompt_cache(model)
+    out = model(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
+                position_ids=position_ids[first, :P], past_key_values=recorded,
+                logits_to_keep=none, output_hidden_states=True, use_cache=False)  # [g, P]
+    last = out.hidden_states[-1][:, -1][row_group]  # [N, H] predicts completion token 1
+    out = model(input_ids=input_ids[:, P:], attention_mask=attention_mask,  # [N, P + C]: both
+                position_ids=position_ids[:, P:], logits_to_keep=none, output_hidden_states=True,
+                past_key_values=prompt_cache(model, recorded, row_group), use_cache=False)
+    return torch.cat([last.unsqueeze(1), out.hidden_states[-1][:, :-1]], 1), out  # [N, C, H]
+
+
+# The training step's metrics (ampo.py section 9): what it counts per micro-batch, and the
+# step's figures from those counts.
+
+
+def count_update(stats, mb: dict, logp, old, loss, ent, w, r, sampled, cfg):
+    """ampo.train_on_batch's diagnostics of one micro-batch, added to `stats` (a Counter): the
+    loss, entropy, clipped tokens, teacher-token probability, verl's ppo_kl and the sampler's
+    mismatch. logp, old, w, r: [b, c]; sampled: [b, c] the tokens the sampler drew."""
+    with torch.no_grad():
+        mask = mb["completion_mask"]  # [b, c]
+        on = mask & ~mb["off_policy_mask"]  # [b, c]
+        ratio = torch.exp(logp - old)  # [b, c]
+        A = mb["advantages"].unsqueeze(-1)  # [b, 1]
+        clipped = ((ratio < 1 - cfg.epsilon) & (A < 0)) | (
+            (ratio > 1 + cfg.epsilon_high) & (A > 0))  # [b, c]
+        off = mask & mb["off_policy_mask"]  # [b, c]
+        stats["loss"] += float(loss.detach())
+        stats["entropy"] += float(ent.detach())
+        stats["clip_num"] += float((clipped & on).sum())
+        stats["on_tokens"] += float(on.sum())
+        stats["teacher_p_sum"] += float((logp.exp() * off).sum())
+        stats["off_tokens"] += float(off.sum())
+        # verl's ppo_kl: mean of log pi_old - log pi; pg_clipfrac_lower: A < 0 and r > c
+        stats["ppo_kl"] += float(((old - logp).clamp(-20, 20) * on).sum())
+        stats["dual_clip_num"] += float(((ratio > cfg.clip_ratio_c) & (A < 0) & on).sum())
+        # The sampler's mismatch: |log mu - log pi_old|, and KL(mu || pi_old) by k3,
+        # E_mu[r - 1 - log r] with r = pi_old / mu, over the tokens it sampled.
+        d = (old - mb["sampler_logp"])[sampled]  # [n]
+        stats["is_tokens"] += float(d.numel())
+        stats["is_diff_sum"] += float(d.abs().sum())
+        stats["is_kl_sum"] += float((d.exp() - 1 - d).sum())
+        stats["is_ratio_sum"] += float(r[sampled].sum())
+        if cfg.importance_sampling_mode != "none":  # truncated or masked weights
+            stats["is_capped"] += float((w != r)[sampled].sum())
+        if d.numel():  # the extremes of this rank's tokens (rank 0's are logged)
+            stats["is_diff_max"] = max(stats["is_diff_max"], float(d.abs().max()))
+            stats["is_ratio_max"] = max(stats["is_ratio_max"], float(r[sampled].max()))
+            stats["is_ratio_min"] = min(stats.get("is_ratio_min", math.inf),
+                                        float(r[sampled].min()))
+
+
+def update_metrics(stats, all_sum, with_kl: bool) -> dict:
+    """The step's update metrics from count_update's sums (and the loop's updates, skipped
+    updates and gradient norms): summed over ranks with all_sum, then averaged."""
+    # Sums over ranks: each rank's loss is its share of the global loss, and counts add up.
+    keys = ["loss", "entropy", "kl", "clip_num", "on_tokens", "teacher_p_sum", "off_tokens",
+            "ppo_kl", "dual_clip_num", "is_tokens", "is_diff_sum", "is_kl_sum", "is_ratio_sum",
+            "is_capped"]
+    for key, total in zip(keys, all_sum([stats[k] for k in keys])):
+        stats[key] = total
+    u = stats["updates"]
+    out = {"loss": stats["loss"] / u, "entropy": stats["entropy"] / u, "updates": u,
+           "grad_norm": stats["grad_norm"] / u, "skipped_updates": stats["skipped_updates"],
+           "clip_frac": stats["clip_num"] / max(stats["on_tokens"], 1),
+           "ppo_kl": stats["ppo_kl"] / max(stats["on_tokens"], 1),
+           "pg_clipfrac_lower": stats["dual_clip_num"] / max(stats["on_tokens"], 1),
+           "teacher_token_p": (stats["teacher_p_sum"] / stats["off_tokens"]
+                               if stats["off_tokens"] else float("nan"))}
+    # TRL's sampling/sampling_logp_difference/* and sampling/importance_sampling_ratio/*
+    n = max(stats["is_tokens"], 1)
+    out.update(sampling_logp_diff_mean=stats["is_diff_sum"] / n,
+               sampling_logp_diff_max=stats["is_diff_max"], sampling_kl=stats["is_kl_sum"] / n,
+               is_ratio_mean=stats["is_ratio_sum"] / n, is_ratio_max=stats["is_ratio_max"],
+               is_ratio_min=stats.get("is_ratio_min", float("nan")),
+               is_capped_frac=stats["is_capped"] / n)
+    if with_kl:
+        out["kl"] = stats["kl"] / u
+    return out
+
+
+def check_update(policy, batch: dict, update: dict, skipped_in_a_row: int,
+                 cfg: TrainConfig) -> int:
+    """Stop a run that cannot recover, with an error that says so. Returns how many steps in a
+    row have now skipped all their updates.
+
+    The non-finite guard of ampo.train_on_batch skips one bad update and the run goes on,
+    which is right for a rare bad batch. Two failures it cannot see: every update skipped, step after step (the
+    weights never change again), and weights that are finite but so large that the next
+    forward overflows (a learning rate of 1e30: the gradient itself was finite). A forward of
+    one sequence on the updated policy catches the second, before anything is saved.
+    """
+    all_skipped = update["skipped_updates"] == update["updates"]
+    skipped_in_a_row = skipped_in_a_row + 1 if all_skipped else 0
+    if skipped_in_a_row >= cfg.max_skipped_steps:
+        raise RuntimeError(f"training stopped: {skipped_in_a_row} steps in a row skipped every "
+                           f"update (non-finite gradients; train.max_skipped_steps = "
+                           f"{cfg.max_skipped_steps}). Is train.learning_rate "
+                           f"({cfg.learning_rate}) too high?")
+    real = batch["attention_mask"][0].bool()  # [L] the first sequence, without its padding
+    with torch.no_grad():
+        logits = policy(input_ids=batch["input_ids"][0:1, real].to(policy.device),
+                        logits_to_keep=1).logits  # [1, 1, V]
+    if not torch.isfinite(logits).all():
+        raise RuntimeError(f"training diverged: the updated weights give non-finite logits "
+                           f"(train.learning_rate = {cfg.learning_rate} too high?); nothing of "
+                           f"this step was saved, the last checkpoint is intact")
+    return skipped_in_a_row
 
 
 def wrap_model(model, cfg):
@@ -1159,7 +1362,9 @@ def start_run(cfg, resume: bool) -> dict:
     if rank == 0:
         print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         first = int(Path(ckpt).name.split("-")[1]) + 1 if ckpt else 1  # the step to log next
-        opened = trackers.start(cfg.log.report_to, out_dir, resume, dataclasses.asdict(cfg), first)
+        with tracker_errors():
+            opened = trackers.start(cfg.log.report_to, out_dir, resume, dataclasses.asdict(cfg),
+                                    first)
         atexit.register(trackers.finish, opened)  # a run that fails still closes them
     return {"rank": rank, "world": world, "main": rank == 0, "rngs": rngs, "ckpt": ckpt,
             "out_dir": out_dir, "metrics": out_dir / "metrics.jsonl",
@@ -1307,17 +1512,17 @@ def attach_engine(policy, cfg, path: str):
 
 
 def rollout_engine(policy):
-    """The policy's engine as a function with ampo.generate's arguments after the model, or
-    None when HF generate samples."""
+    """The policy's sampler as a function with ampo.generate's arguments after the model: its
+    engine, or HF generate on the policy itself (sampler.hf_generate)."""
+    import sampler
+
     if getattr(policy, "vllm_engine", None) is not None:
         import vllm_engine
 
         return functools.partial(vllm_engine.generate, policy.vllm_engine)
     if getattr(policy, "fast_sampler", None) is not None:
-        import sampler
-
         return functools.partial(sampler.generate, policy.fast_sampler)
-    return None
+    return functools.partial(sampler.hf_generate, policy)
 
 
 def engine_sleep(policy, cfg):

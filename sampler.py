@@ -1,4 +1,5 @@
-"""A fast CPU rollout engine: a bfloat16 copy of the policy and a plain decode loop.
+"""A fast CPU rollout engine: a bfloat16 copy of the policy and a plain decode loop; and HF
+generate, the sampler it replaces (hf_generate, at the end).
 
     train.sampler: loop     # this file (the embedded CPU default)
     train.sampler: generate # HF model.generate on the policy itself (the default elsewhere)
@@ -116,3 +117,34 @@ def generate(sampler, tokenizer, prompts: list[str], num_generations: int, max_n
                              position_ids=positions, past_key_values=cache).logits[:, -1]  # [n, V]
     truncated = [not c or c[-1] != stop for c in completions]
     return completions, truncated, logps
+
+
+def hf_generate(model, tokenizer, prompts: list[str], num_generations: int, max_new_tokens: int,
+                temperature: float = 1.0, top_p: float = 1.0):
+    """ampo.generate's contract with HF model.generate on the policy itself (train.sampler:
+    generate), reading each prompt G times."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                    add_special_tokens=False).to(model.device)
+    stop = tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=enc.input_ids.repeat_interleave(num_generations, 0),  # [B*G, P]
+            attention_mask=enc.attention_mask.repeat_interleave(num_generations, 0),
+            do_sample=True, temperature=temperature, top_p=top_p, top_k=0,  # plain sampling
+            max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
+            use_cache=True, output_logits=True, return_dict_in_generate=True)
+    model.train(was_training)
+    new = out.sequences[:, enc.input_ids.shape[1]:]  # [B*G, C]
+    # log softmax(logits / T) of each sampled token, one decode step ([B*G, V]) at a time
+    logps = torch.stack([(step.float() / temperature).log_softmax(-1).gather(
+        -1, new[:, t:t + 1]).squeeze(-1) for t, step in enumerate(out.logits)], 1)  # [B*G, C]
+    completions, truncated, sampler_logps = [], [], []
+    for row, lp in zip(new.tolist(), logps.tolist()):
+        # Up to the first stop token, which itself stays (ampo.generate says why).
+        cut = row.index(stop) + 1 if stop in row else len(row)
+        completions.append(row[:cut])
+        truncated.append(stop not in row)
+        sampler_logps.append(lp[:cut])
+    return completions, truncated, sampler_logps

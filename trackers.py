@@ -76,14 +76,19 @@ def install_hint(name: str) -> str:
     return f"pip install -r requirements-{name}.txt"
 
 
+class TrackerError(ValueError):
+    """A bad log.report_to, a tracker not installed, a bad trackers.json: infra.py turns it
+    into its InputError (one line naming the key or file). This module imports nothing of
+    infra.py, which imports it."""
+
+
 def check_names(names: list, key: str = "log.report_to"):
     """An error naming the key unless every name is a tracker of TRACKERS ("none" alone)."""
-    from infra import InputError, one_of  # infra imports this module: at call time
-
     for name in names:
-        one_of(name, TRACKERS, key)
+        if name not in TRACKERS:
+            raise TrackerError(f"config key {key}: one of {'|'.join(TRACKERS)}, got {name!r}")
     if "none" in names and len(names) > 1:
-        raise InputError(f"config key {key}: 'none' with other trackers, got {names!r}")
+        raise TrackerError(f"config key {key}: 'none' with other trackers, got {names!r}")
 
 
 def flat(prefix: str, value) -> dict:
@@ -129,12 +134,10 @@ def scalars(m: dict, source_scores: dict | None = None) -> dict:
 
 def require(name: str):
     """Import a tracker's package, or stop with the pip command that installs it."""
-    from infra import InputError
-
     try:
         return importlib.import_module(MODULES[name])
     except ImportError:
-        raise InputError(f"config key log.report_to: {name} is not installed; "
+        raise TrackerError(f"config key log.report_to: {name} is not installed; "
                          f"{install_hint(name)}") from None
 
 
@@ -142,18 +145,18 @@ def run_id(out_dir: Path, resume: bool) -> str:
     """On --resume the id in out_dir/trackers.json (when the run had trackers before), else a
     new one, saved there: the folder's name and 8 random hex digits (os.urandom: the run's
     seeded generators are not touched)."""
-    from infra import InputError, write_json_atomically
-
     path = out_dir / RUN_ID
     if resume and path.exists():
         try:
             return str(json.loads(path.read_text())["id"])
         except (OSError, ValueError, KeyError, TypeError):
-            raise InputError(f"{path}: not the tracker id file a run writes ({{\"id\": ...}}); "
+            raise TrackerError(f"{path}: not the tracker id file a run writes ({{\"id\": ...}}); "
                              f"delete it to start new tracker runs") from None
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in out_dir.resolve().name)
     new = f"{name}-{uuid.uuid4().hex[:8]}"
-    write_json_atomically(path, {"id": new})
+    tmp = path.with_name(path.name + ".tmp")  # written whole, then renamed: never half a file
+    tmp.write_text(json.dumps({"id": new}))
+    os.replace(tmp, path)
     return new
 
 

@@ -99,7 +99,7 @@ def main():
 
     # 3. The log-prob pass, head all at once vs in chunks.
     N = t.micro_batch_size
-    mb = ampo.micro_batch(batch, slice(0, N))
+    mb = infra.micro_batch(batch, slice(0, N))
     shapes = {f"{N} x {mb['completion_mask'].shape[1]} (a default micro-batch)":
               (mb["input_ids"], mb["attention_mask"], mb["completion_mask"].shape[1])}
     ids = torch.randint(0, policy.config.vocab_size, (N, 64 + long_c))

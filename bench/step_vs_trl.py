@@ -11,8 +11,9 @@ Dr. GRPO loss, HF generation, and the same reward function (verify.reward_batch,
 worker processes). Each side runs in its own process; the sides alternate. Per step, ours is
 metrics.jsonl's time.step, TRL's is the time between on_step_begin and on_step_end (its
 generation and reward happen inside the step). The first step of every run is a warm-up and is
-left out. Ours runs twice: with the embedded defaults (train.bf16, the decode loop) and with
-float32 and plain HF generate, TRL's settings here.
+left out. Ours runs three times: with the embedded defaults (train.bf16, the decode loop, each
+prompt read once per group: train.shared_prompt), the same with the padded batch (every answer
+reads its own prompt copy, as TRL's does), and with float32 and plain HF generate, TRL's settings.
 
 What still differs: answers are sampled, so each side generates a different number of tokens
 (reported: seconds per 1,000 completion tokens too); TRL computes log-probs of the old policy
@@ -121,7 +122,9 @@ def main():
     if args.trl_side:
         return run_trl(args)
     sides = {"TRL GRPOTrainer (float32, HF generate)": None,
-             "ours (defaults: bf16, decode loop)": [],
+             "ours (defaults: bf16, decode loop, shared prompt)": [],
+             "ours (defaults, padded batch: train.shared_prompt false)":
+                 ["--train.shared_prompt=false"],
              "ours (float32, HF generate)": ["--train.bf16=false", "--train.sampler=generate"]}
     runs = {s: [] for s in sides}
     for _ in range(args.repeats):

@@ -54,7 +54,7 @@ def test_verification_bench_gives_the_same_verdicts_and_rejects_the_salt(tmp_pat
 def test_step_vs_trl_bench_runs_both_sides(tmp_path):
     pytest.importorskip("trl")
     rows = run_bench("step_vs_trl", tmp_path)
-    assert len(rows) == 3 and all(r["s_per_step"] > 0 for r in rows)
+    assert len(rows) == 4 and all(r["s_per_step"] > 0 for r in rows)
 
 
 def test_memory_bench_measures_every_phase(tmp_path):
@@ -80,3 +80,12 @@ def test_off_policy_bench_measures_the_mismatch_and_both_costs(tmp_path):
     assert all(0 <= r["capped_frac_cap_3"] <= 1 for r in updates)
     passes = [r for r in rows if r["what"].startswith("log-prob pass")]
     assert len(passes) == 4 and all(r["s"] > 0 for r in passes)
+
+
+def test_shared_prompt_bench_times_both_paths_on_one_batch(tmp_path):
+    rows = run_bench("shared_prompt", tmp_path)
+    result = json.loads((tmp_path / "shared_prompt.json").read_text())
+    padded, shared = rows
+    assert padded["update_ratio"] == padded["step_ratio"] == 1.0
+    assert shared["tokens_read"] < padded["tokens_read"]  # each prompt read once, not G times
+    assert result["max_abs_logp_diff"] <= 1e-5  # float32 at --tiny: the same log-probs

@@ -42,7 +42,7 @@ PROMPTS = ["What is 2 + 3? Think.", "1 + 1?", "Add 21 and 30, then box it."]
 def logprobs_and_grads(model, batch, rows, shared):
     """log pi, entropy [b, c] of some rows of a batch, and the gradient of a loss of both."""
     model.zero_grad(set_to_none=True)
-    mb = ampo.micro_batch(batch, rows)
+    mb = infra.micro_batch(batch, rows)
     c = mb["completion_mask"].shape[1]
     logp, ent = ampo.completion_logprobs(model, mb["input_ids"], mb["attention_mask"], c,
                                          with_entropy=True, chunk_size=5,
