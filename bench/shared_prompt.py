@@ -14,7 +14,7 @@ this one process, alternating, train.shared_prompt false (the padded batch) vs t
   2. the whole step: the rollout's measured time (sampling, rewards: the same for both paths)
      plus each path's update;
   3. how far apart the two paths' log-probs are (max |difference|), the tokens each forward
-     reads, and the prompt's share of them.
+     reads, and one AdamW step alone (the part of the update neither path changes).
 """
 
 import argparse
@@ -40,9 +40,10 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. --train.micro_batch_size=16")
+    args, extra = ap.parse_known_args()
     out_file = args.out or os.path.join(ROOT, "bench", "results", f"shared_prompt_{args.regime}.json")
-    cfg = infra.load_config(os.path.join(ROOT, "config.yaml"), REGIMES[args.regime], ampo.Config,
+    cfg = infra.load_config(os.path.join(ROOT, "config.yaml"), REGIMES[args.regime] + extra, ampo.Config,
                             ("ghpo",))
     t = cfg.train
     if args.tiny:
@@ -79,6 +80,13 @@ def main():
             nograd[name].append(sec)
             logp[shared] = lp
 
+    # Where the rest of the update goes: the optimizer (AdamW over every parameter, the same for
+    # both paths), timed alone on zero gradients.
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    adam_s = common.median([common.timed(optimizer.step)[0] for _ in range(args.repeats)])
+    optimizer.zero_grad(set_to_none=True)
+
     # 3. What each forward reads: N rows of P + C columns, or g prompts of P plus N x C answers.
     N, C = batch["completion_mask"].shape
     P = batch["input_ids"].shape[1] - C
@@ -98,13 +106,13 @@ def main():
     diff = float(((logp[True] - logp[False]) * m).abs().max())
     print(f"rollout {rollout_s:.1f} s; {N} rows, prompt {P} columns ({float(real_p.float().mean()):.0f}"
           f" real tokens a row), answers {float(real_c.float().mean()):.0f}; max |logp shared -"
-          f" padded| {diff:.2e}")
+          f" padded| {diff:.2e}; one AdamW step {adam_s:.2f} s")
     common.report("shared_prompt", out, out_file, extra={
         "settings": {"regime": args.regime, "prompts_per_step": t.prompts_per_step,
                      "num_generations": G, "micro_batch_size": t.micro_batch_size,
                      "bf16": t.bf16, "gradient_checkpointing": cfg.model.gradient_checkpointing,
                      "repeats": args.repeats},
-        "rollout_s": rollout_s, "num_rows": N, "prompt_columns": P,
+        "rollout_s": rollout_s, "optimizer_step_s": adam_s, "num_rows": N, "prompt_columns": P,
         "prompt_tokens_mean": float(real_p.float().mean()),
         "answer_tokens_mean": float(real_c.float().mean()), "max_abs_logp_diff": diff})
 

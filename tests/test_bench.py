@@ -89,3 +89,12 @@ def test_shared_prompt_bench_times_both_paths_on_one_batch(tmp_path):
     assert padded["update_ratio"] == padded["step_ratio"] == 1.0
     assert shared["tokens_read"] < padded["tokens_read"]  # each prompt read once, not G times
     assert result["max_abs_logp_diff"] <= 1e-5  # float32 at --tiny: the same log-probs
+
+
+def test_decode_compile_bench_times_eager_and_compiled_on_the_same_logits(tmp_path):
+    rows = run_bench("decode_compile", tmp_path)
+    eager, compiled = rows[0], rows[1:]
+    assert eager["method"] == "eager" and eager["ratio_to_eager"] == 1.0
+    assert compiled and all(r["method"].startswith("compile") for r in compiled)
+    for r in compiled:  # a toolchain that cannot compile is reported, not a failure
+        assert r.get("error") or (r["logits_match"] and r["max_abs_logit_diff"] <= r["tolerance"])
