@@ -387,7 +387,8 @@ def format_metrics(step: int, m: dict) -> str:
             f"acc_hinted {m['accuracy_hinted']:.3f} hard {hard} rescued {rescued} "
             f"hints {m['hint_hist']} ent {m['entropy']:.3f} len {m['completion_len']:.0f} "
             f"gnorm {m['grad_norm']:.3f} loss {m['loss']:+.4f} | gen {t['generate']:.1f}s "
-            f"hints {t['hints']:.1f}s train {t['train']:.1f}s {m['tokens_per_s']:.0f} tok/s")
+            f"hints {t['hints']:.1f}s train {t['train']:.1f}s {m['tokens_per_s']:.0f} tok/s "
+            f"{m['peak_memory_gib']:.1f} GiB")
 
 
 # Rows whose gold answer math-verify cannot parse. The official accuracy reward is None for

@@ -1590,7 +1590,20 @@ def format_metrics(step: int, m: dict) -> str:
             f"clip {m['clip_frac']:.3f} ppo_kl {m['ppo_kl']:+.4f} gnorm {m['grad_norm']:.3f} "
             f"loss {m['loss']:+.4f} | "
             f"gen {t['generate']:.1f}s rew {t['reward']:.1f}s guide {t.get('guidance', 0):.1f}s "
-            f"train {t['train']:.1f}s {m['tokens_per_s']:.0f} tok/s")
+            f"train {t['train']:.1f}s {m['tokens_per_s']:.0f} tok/s "
+            f"{m['peak_memory_gib']:.1f} GiB")
+
+
+def peak_memory_gib() -> float:
+    """The most memory this process has held so far, in GiB: on a GPU the CUDA allocator's
+    peak (tensors only), on a CPU the resident set's high-water mark (the process's weights,
+    optimizer state, activations and the allocator's free-but-kept pages, as `time -v` says)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def rollout_metrics(m: dict, rollout: dict, batch: dict, lr: float, group_size: int,
@@ -1621,6 +1634,7 @@ def rollout_metrics(m: dict, rollout: dict, batch: dict, lr: float, group_size: 
     m["lr"] = lr
     m["completion_tokens"] = int(batch["completion_mask"].sum())
     m["time"]["step"] = seconds
+    m["peak_memory_gib"] = peak_memory_gib()  # the run's peak so far: the step that set it shows
     return m
 
 

@@ -191,6 +191,21 @@ def test_rollout_metrics_of_the_official_runs():
     assert m["repetition_rate"] == pytest.approx(2 / own)  # answers 2 and 10
 
 
+def test_peak_memory_is_the_high_water_mark():
+    """peak_memory_gib is the resident set's high-water mark: never below what the process
+    holds now, and raised past its old value by a tensor that outgrows it, every page written."""
+    def rss_gib():
+        status = open("/proc/self/status").read()
+        return int(status.split("VmRSS:")[1].split()[0]) / 2**20
+
+    before = infra.peak_memory_gib()
+    now = rss_gib()
+    assert before >= now - 1e-3
+    big = torch.ones(int((before - now + 0.25) * 2**28))  # float32: the gap + 256 MiB, touched
+    assert infra.peak_memory_gib() >= rss_gib() - 1e-3 >= before + 0.2
+    del big
+
+
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
@@ -1029,7 +1044,8 @@ def test_eval_command_and_periodic_eval(tiny_model_dir, tmp_path):
 
 
 def _without_times(lines):
-    return [{k: v for k, v in x.items() if k not in ("time", "tokens_per_s")} for x in lines]
+    machine = ("time", "tokens_per_s", "peak_memory_gib")  # what the machine, not the run, sets
+    return [{k: v for k, v in x.items() if k not in machine} for x in lines]
 
 
 @pytest.mark.parametrize("fast", [False, True])
