@@ -624,10 +624,10 @@ def completion_logprobs(model, input_ids, attention_mask, num_completion: int,
     has to get right), so the completion's log-probs come from the C hidden states before it.
     groups [N] (train.shared_prompt): rows of one group share their prompt's forward
     (infra.shared_prompt_hidden); None: every row reads its own copy (the padded batch). The
-    head's [N, C, V] logits and their float32 log-softmax, exp and entropy product are the
-    pass's largest tensors, so the model returns its final hidden states only and the head runs
-    here over chunk_size tokens at a time (0: all at once), each chunk recomputed in the backward
-    (torch.utils.checkpoint) instead of kept. Same values and gradients (tests/test_ampo.py).
+    head's logits and their float32 log-softmax, exp and entropy are the pass's largest tensors,
+    so the model returns its last hidden states and the head runs here on real tokens only (0 at
+    padding), chunk_size at a time (0: all at once), each chunk recomputed in the backward
+    (torch.utils.checkpoint), not kept. Same values and gradients (tests/test_off_policy.py).
     """
     # Left padding shifts every prompt; positions must count real tokens only.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [N, L]
@@ -640,20 +640,20 @@ def completion_logprobs(model, input_ids, attention_mask, num_completion: int,
     else:
         hidden, out = infra.shared_prompt_hidden(model, input_ids, attention_mask,
                                                  position_ids, C, groups)  # [N, C, H]
-    hidden = hidden.reshape(N * C, -1)  # [N*C, H]
-    targets = input_ids[:, -C:].reshape(N * C)  # [N*C]
+    real = attention_mask[:, -C:].reshape(N * C).nonzero().squeeze(-1)  # [n] not padding
+    hidden, targets = hidden.reshape(N * C, -1)[real], input_ids[:, -C:].reshape(N * C)[real]
     bf16 = out.logits.dtype == torch.bfloat16  # the model's own head ran under autocast: ours too
     del out  # the other layers' hidden states (a no-grad pass keeps nothing else)
     head = getattr(model, "module", model).get_output_embeddings()  # DDP wraps it in .module
-    size, recompute = chunk_size or N * C, chunk_size > 0 and torch.is_grad_enabled()
-    parts = []
-    for s in range(0, N * C, size):
+    size, recompute = chunk_size or max(len(real), 1), chunk_size > 0 and torch.is_grad_enabled()
+    logp, entropy = (torch.zeros(N * C, device=hidden.device) for _ in range(2))  # [N*C]: 0 at pads
+    for s in range(0, len(real), size):
         args = (head, hidden[s:s + size], targets[s:s + size], temperature, with_entropy, bf16)
-        parts.append(checkpoint(token_logprobs, *args, use_reentrant=False) if recompute
-                     else token_logprobs(*args))
-    logp = torch.cat([p[0] for p in parts]).view(N, C)  # [N, C]
-    entropy = torch.cat([p[1] for p in parts]).view(N, C) if with_entropy else None  # [N, C]
-    return logp, entropy
+        lp, h = (checkpoint(token_logprobs, *args, use_reentrant=False) if recompute
+                 else token_logprobs(*args))  # [chunk] each; h None without entropy
+        logp = logp.index_copy(0, real[s:s + size], lp)  # back at their columns
+        entropy = entropy.index_copy(0, real[s:s + size], h) if with_entropy else None
+    return logp.view(N, C), entropy.view(N, C) if with_entropy else None
 
 
 def build_batch(tokenizer, rollout: dict, cfg: TrainConfig) -> dict:

@@ -1535,6 +1535,10 @@ def engine_sleep(policy, cfg):
         import vllm_engine
 
         vllm_engine.sleep(policy.vllm_engine)
+    elif not cfg.train.use_vllm and cfg.train.sampler == "loop":
+        import sampler
+
+        sampler.release(policy.fast_sampler)
 
 
 def engine_refresh(policy, cfg):

@@ -5,15 +5,19 @@
     python bench/shared_prompt.py --tiny                           # the smoke test's tiny model
 
 One training step's rollout, sampled as configured, then on that same batch, side by side in
-this one process, alternating, train.shared_prompt false (the padded batch) vs true:
+this one process, alternating, three paths: the update as it was before either change (the
+padded batch, the vocabulary head over every completion column, the padding after shorter
+answers included: the completion columns' attention mask set to 1, which changes no real
+token's log-prob under the causal mask), train.shared_prompt false (the padded batch; the head
+over real tokens only) and true (the default):
 
   1. the update (train_on_batch, learning rate 0 so that every repeat sees the same weights),
      and the no-grad log-prob pass a pi_old or reference model takes (sequence_logprobs);
-     under train.bf16 (the default) the two paths' log-probs differ by bfloat16's rounding, as
+     under train.bf16 (the default) the paths' log-probs differ by bfloat16's rounding, as
      the padded batch's do between micro-batch sizes (0.30 at most on the default's batch);
-  2. the whole step: the rollout's measured time (sampling, rewards: the same for both paths)
+  2. the whole step: the rollout's measured time (sampling, rewards: the same for every path)
      plus each path's update;
-  3. how far apart the two paths' log-probs are (max |difference|), the tokens each forward
+  3. how far the log-probs are from the first path's (max |difference|), the tokens each forward
      reads, and one AdamW step alone (the part of the update neither path changes).
 """
 
@@ -68,17 +72,27 @@ def main():
     # base: it sets each update's rate from it) so that every repeat sees the same weights.
     t.learning_rate = 0.0
     optimizer, scheduler = infra.make_optimizer(model, t)
-    paths = {"padded (shared_prompt false)": False, "shared (shared_prompt true)": True}
+    real_head = ampo.completion_logprobs
+
+    def head_over_every_column(model, input_ids, attention_mask, num_completion, *a, **k):
+        attention_mask = attention_mask.clone()
+        attention_mask[:, -num_completion:] = 1  # the head reads the padding too, as before
+        return real_head(model, input_ids, attention_mask, num_completion, *a, **k)
+
+    paths = {"before (padded, head over every column)": (False, head_over_every_column),
+             "padded (shared_prompt false)": (False, real_head),
+             "shared (shared_prompt true, default)": (True, real_head)}
     update, nograd, logp = ({p: [] for p in paths} for _ in range(3))
     for _ in range(args.repeats):
-        for name, shared in paths.items():
-            t.shared_prompt = shared
+        for name, (shared, head) in paths.items():
+            t.shared_prompt, ampo.completion_logprobs = shared, head
             update[name].append(common.timed(lambda: ampo.train_on_batch(
                 model, optimizer, scheduler, batch, t, cfg.ampo.shaping_gamma))[0])
             sec, lp = common.timed(lambda: ampo.sequence_logprobs(
                 model, batch, t.micro_batch_size, t.temperature, t.logprob_chunk_size, shared))
             nograd[name].append(sec)
-            logp[shared] = lp
+            logp[name] = lp
+    ampo.completion_logprobs = real_head
 
     # Where the rest of the update goes: the optimizer (AdamW over every parameter, the same for
     # both paths), timed alone on zero gradients.
@@ -96,17 +110,19 @@ def main():
     tokens = {False: int(real_p.sum() + real_c.sum()), True: int(real_p[::G].sum() + real_c.sum())}
     base_u, base_n = (common.median(x[next(iter(paths))]) for x in (update, nograd))
     out = []
-    for name, shared in paths.items():
+    for name, (shared, head) in paths.items():
         u, n = common.median(update[name]), common.median(nograd[name])
         out.append({"path": name, "update_s": u, "update_ratio": u / base_u,
                     "nograd_pass_s": n, "nograd_ratio": n / base_n,
                     "step_s": rollout_s + u, "step_ratio": (rollout_s + u) / (rollout_s + base_u),
-                    "tokens_read": tokens[shared]})
+                    "tokens_read": tokens[shared],
+                    "head_tokens": N * C if head is head_over_every_column else int(real_c.sum())})
     m = batch["completion_mask"]
-    diff = float(((logp[True] - logp[False]) * m).abs().max())
+    lps = list(logp.values())
+    diff = max(float(((lp - lps[0]) * m).abs().max()) for lp in lps[1:])
     print(f"rollout {rollout_s:.1f} s; {N} rows, prompt {P} columns ({float(real_p.float().mean()):.0f}"
-          f" real tokens a row), answers {float(real_c.float().mean()):.0f}; max |logp shared -"
-          f" padded| {diff:.2e}; one AdamW step {adam_s:.2f} s")
+          f" real tokens a row), answers {float(real_c.float().mean()):.0f}; max |logp - before's|"
+          f" {diff:.2e}; one AdamW step {adam_s:.2f} s")
     common.report("shared_prompt", out, out_file, extra={
         "settings": {"regime": args.regime, "prompts_per_step": t.prompts_per_step,
                      "num_generations": G, "micro_batch_size": t.micro_batch_size,

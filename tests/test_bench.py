@@ -82,11 +82,13 @@ def test_off_policy_bench_measures_the_mismatch_and_both_costs(tmp_path):
     assert len(passes) == 4 and all(r["s"] > 0 for r in passes)
 
 
-def test_shared_prompt_bench_times_both_paths_on_one_batch(tmp_path):
+def test_shared_prompt_bench_times_every_path_on_one_batch(tmp_path):
     rows = run_bench("shared_prompt", tmp_path)
     result = json.loads((tmp_path / "shared_prompt.json").read_text())
-    padded, shared = rows
-    assert padded["update_ratio"] == padded["step_ratio"] == 1.0
+    before, padded, shared = rows
+    assert before["update_ratio"] == before["step_ratio"] == 1.0
+    assert padded["tokens_read"] == before["tokens_read"]
+    assert padded["head_tokens"] == shared["head_tokens"] <= before["head_tokens"]  # no padding
     assert shared["tokens_read"] < padded["tokens_read"]  # each prompt read once, not G times
     assert result["max_abs_logp_diff"] <= 1e-5  # float32 at --tiny: the same log-probs
 

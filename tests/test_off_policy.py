@@ -27,12 +27,14 @@ def padded_batch(tok, n=5, seed=0):
 
 
 def full_vocab_reference(model, ids, attn, C, temperature):
-    """The log-probs and entropy as computed before chunking: the whole [N, C, V] at once."""
+    """The log-probs and entropy as computed before chunking: the whole [N, C, V] at once, the
+    padding after shorter answers included (set to 0, as completion_logprobs leaves it)."""
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits  # [N, L, V]
     logp_all = (logits[:, -C - 1:-1].float() / temperature).log_softmax(-1)  # [N, C, V]
     logp = logp_all.gather(-1, ids[:, -C:].unsqueeze(-1)).squeeze(-1)
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
+    real = attn[:, -C:].bool()  # [N, C]
+    return logp * real, -(logp_all.exp() * logp_all).sum(-1) * real
 
 
 @pytest.mark.parametrize("chunk", [0, 1, 7, 10_000])
@@ -82,7 +84,8 @@ def test_chunks_keep_no_vocabulary_wide_tensor_for_the_backward(tiny):
         (logp.sum() + ent.sum()).backward()
         return sizes
 
-    assert max(vocabulary_wide_saved(0)) >= N * C * V  # the float32 log-softmax, and more
+    # all at once: the float32 log-softmax of the real tokens (the head skips the padding)
+    assert max(vocabulary_wide_saved(0)) == int(cm.sum()) * V < N * C * V
     assert vocabulary_wide_saved(4) == []
 
 

@@ -104,6 +104,17 @@ def test_engine_is_a_refreshed_bf16_copy_outside_the_policy(tiny, tmp_path):
     infra.engine_refresh(policy, cfg)
     for mine, theirs in zip(s.parameters(), policy.parameters()):
         assert torch.equal(mine, theirs.detach().bfloat16())
+    # asleep during the update its weights hold no memory; awake they are the new weights
+    infra.engine_sleep(policy, cfg)
+    assert sum(p.numel() for p in s.parameters()) == 0
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(0.5)
+    infra.engine_refresh(policy, cfg)
+    for mine, theirs in zip(s.parameters(), policy.parameters()):
+        assert mine.dtype == torch.bfloat16 and torch.equal(mine, theirs.detach().bfloat16())
+    tied = s.get_output_embeddings().weight is s.get_input_embeddings().weight
+    assert tied == (policy.get_output_embeddings().weight is policy.get_input_embeddings().weight)
     comps, _, _ = ampo.generate(policy, tok, prompts_of(tok), 2, 4)  # dispatches to the loop
     assert len(comps) == 4
 
