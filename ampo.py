@@ -599,14 +599,12 @@ def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id
     return input_ids, attention_mask, completion_mask
 
 
-def token_logprobs(head, hidden, targets, temperature: float = 1.0, with_entropy: bool = False,
-                   bf16: bool = False):
-    """log pi of each target token from its final hidden state, and the entropy there.
-
-    hidden [n, H] (after the last norm), targets [n]; bf16 runs the head under bf16 autocast.
-    """
+def token_logprobs(weight, bias, hidden, targets, temperature: float = 1.0,
+                   with_entropy: bool = False, bf16: bool = False):
+    """log pi of each target token from its final hidden state [n, H] (after the last norm),
+    and the entropy there; the head's weight [V, H], bias [V] or None; bf16: under autocast."""
     with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = head(hidden)  # [n, V]
+        logits = torch.nn.functional.linear(hidden, weight, bias)  # [n, V]
     logp_all = (logits.float() / temperature).log_softmax(-1)  # [n, V]
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [n]
     if not with_entropy:
@@ -645,10 +643,13 @@ def completion_logprobs(model, input_ids, attention_mask, num_completion: int,
     bf16 = out.logits.dtype == torch.bfloat16  # the model's own head ran under autocast: ours too
     del out  # the other layers' hidden states (a no-grad pass keeps nothing else)
     head = getattr(model, "module", model).get_output_embeddings()  # DDP wraps it in .module
+    # Cast once: autocast would recast the [V, H] weight in every chunk and in its recompute.
+    weight = head.weight.to(torch.bfloat16) if bf16 else head.weight  # [V, H]
     size, recompute = chunk_size or max(len(real), 1), chunk_size > 0 and torch.is_grad_enabled()
     logp, entropy = (torch.zeros(N * C, device=hidden.device) for _ in range(2))  # [N*C]: 0 at pads
     for s in range(0, len(real), size):
-        args = (head, hidden[s:s + size], targets[s:s + size], temperature, with_entropy, bf16)
+        args = (weight, head.bias, hidden[s:s + size], targets[s:s + size], temperature,
+                with_entropy, bf16)
         lp, h = (checkpoint(token_logprobs, *args, use_reentrant=False) if recompute
                  else token_logprobs(*args))  # [chunk] each; h None without entropy
         logp = logp.index_copy(0, real[s:s + size], lp)  # back at their columns

@@ -206,10 +206,11 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-# Keys that change no result: a tracker (results made before log.report_to existed lack it) and
+# Keys that change no result: a tracker (results made before log.report_to existed lack it),
 # train.shared_prompt (the same log-probs and gradients, computed with fewer FLOPs; equal to
-# float rounding, tests/test_shared_prompt.py).
-NO_RESULT_KEYS = {"log.report_to", "train.shared_prompt"}
+# float rounding, tests/test_shared_prompt.py) and model.gradient_checkpointing (the same
+# numbers recomputed instead of kept: memory, not results).
+NO_RESULT_KEYS = {"log.report_to", "train.shared_prompt", "model.gradient_checkpointing"}
 
 
 def reuse(path: Path, cfg, rerun_stale: bool) -> dict | None:

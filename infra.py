@@ -42,6 +42,13 @@ import yaml
 import trackers
 import verify
 
+# oneDNN, PyTorch's CPU matrix-product library, keeps a compiled "primitive" for every shape it
+# has multiplied, up to 1,024 of them, each with its own buffers. An RL batch changes shape every
+# step (prompt and answer lengths), so that cache grows through a run: 0.6 GiB of the default
+# run's peak (BENCHMARKS.md section 8). 8 entries cost a default run little time (none: 2.2x).
+# oneDNN reads the variable at its first product; set it yourself to choose another size.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
+
 
 class InputError(ValueError):
     """A bad config key or value, or a bad data file or row. The command line prints it as one

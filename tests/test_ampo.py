@@ -206,6 +206,21 @@ def test_peak_memory_is_the_high_water_mark():
     del big
 
 
+@pytest.mark.parametrize("given, want", [(None, "8"), ("7", "7")])
+def test_onednn_cache_is_capped_unless_the_user_sets_it(given, want):
+    # oneDNN's cache of compiled matrix products: 8 entries by default, the user's size if set
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    env.update({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": given} if given else {})
+    code = "import os, infra; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == want, out.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------

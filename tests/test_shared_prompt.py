@@ -83,6 +83,16 @@ def test_logprobs_entropy_and_gradients_equal_the_padded_batch(tiny, rows, check
     assert padded[0].abs().sum() > 0 and padded[1].abs().sum() > 0  # not vacuous
 
 
+def test_gradient_checkpointing_changes_no_number(tiny):
+    # config.yaml's default recomputes the layers in the backward: the same values, less memory
+    model, tok = tiny
+    model.train()
+    batch = ampo.build_batch(tok, rollout(tok, PROMPTS), train_cfg())
+    kept = logprobs_and_grads(model, batch, slice(0, 12), shared=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert_same(kept, logprobs_and_grads(model, batch, slice(0, 12), shared=True))
+
+
 def update(model, batch, cfg, ref=None):
     """One train_on_batch (SGD at lr 0 keeps the weights): its gradients and metrics."""
     model = copy.deepcopy(model)
