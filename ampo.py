@@ -902,10 +902,10 @@ def train_on_batch(model, optimizer, scheduler, batch: dict, cfg: TrainConfig, g
             mb = infra.micro_batch(batch, slice(s, min(s + cfg.micro_batch_size, rows.stop)))
             mb = {k: v.to(device) for k, v in mb.items()}
             norm["group_len"] = mb.get("group_len")  # [b], whole groups' lengths (group_mean)
-            # DDP all-reduces gradients in every backward unless told not to: only the last
-            # micro-batch of a mini-batch needs it (the others just accumulate locally).
-            last = s + cfg.micro_batch_size >= rows.stop
-            with (model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()):
+            # DDP all-reduces gradients in every backward unless told not to: only a mini-batch's
+            # last micro-batch needs it. infra.bf16_once: weights cast to bf16 once, not per pass.
+            no_sync = hasattr(model, "no_sync") and s + cfg.micro_batch_size < rows.stop
+            with (model.no_sync() if no_sync else nullcontext()), infra.bf16_once(cfg):
                 mask = mb["completion_mask"]  # [b, c]
                 logp, entropy = completion_logprobs(
                     model, mb["input_ids"], mb["attention_mask"], mask.shape[1], cfg.temperature,

@@ -911,12 +911,34 @@ def wrap_model(model, cfg):
         # to 12.6 s a step (BENCHMARKS.md).
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model.forward = torch.autocast(device, dtype=torch.bfloat16)(model.forward)
+        if device == "cpu":
+            # PyTorch's CPU scaled_dot_product_attention is slow in bfloat16 at these short
+            # sequences (its backward most: ~9 ms a layer at 8 x 45 answers behind a 121-token
+            # prompt), so on a CPU the policy takes the plain matmul-softmax-matmul, as
+            # sampler.py's copy does: 0.84x the update's time (BENCHMARKS.md section 8). It
+            # holds each layer's [b, heads, L, L] probabilities for the backward: with
+            # model.gradient_checkpointing one layer's at a time.
+            model.set_attn_implementation("eager")
     if world == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
     return DDP(model, device_ids=device_ids)
+
+
+def bf16_once(cfg):
+    """The context each micro-batch's forward and backward run in (ampo.train_on_batch): under
+    train.bf16's autocast (not FSDP2, which casts its own way) the float32 weights' bfloat16
+    copies are made once and read by every forward inside it (the prompts' pass, the answers'
+    pass, gradient checkpointing's recompute in the backward), where each forward alone would
+    cast them again: autocast keeps its casts until its outermost context ends. It ends before
+    the optimizer step, so a copy never outlives its weights. One copy kept, not one per pass:
+    less time and memory (BENCHMARKS.md section 8); the passes' gradients to a weight add up in
+    bfloat16 before they reach its float32 .grad, as under FSDP2's bf16 policy."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16,
+                          enabled=cfg.bf16 and cfg.parallelism != "fsdp")
 
 
 def merge_rank_metrics(per_rank: list[dict]) -> dict:

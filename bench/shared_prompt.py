@@ -5,11 +5,14 @@
     python bench/shared_prompt.py --tiny                           # the smoke test's tiny model
 
 One training step's rollout, sampled as configured, then on that same batch, side by side in
-this one process, alternating, three paths: the update as it was before either change (the
-padded batch, the vocabulary head over every completion column, the padding after shorter
-answers included: the completion columns' attention mask set to 1, which changes no real
-token's log-prob under the causal mask), train.shared_prompt false (the padded batch; the head
-over real tokens only) and true (the default):
+this one process, alternating: the update as it was before (the padded batch, the vocabulary
+head over every completion column, the padding after shorter answers included: the completion
+columns' attention mask set to 1, which changes no real token's log-prob under the causal
+mask; no gradient checkpointing; the weights cast to bfloat16 in every pass, not once per
+micro-batch: infra.bf16_once; PyTorch's sdpa attention), train.shared_prompt false (the padded
+batch; the head over real tokens only) and true (the default), both as configured (config.yaml's
+model.gradient_checkpointing; eager attention under train.bf16 on a CPU: infra.wrap_model), and
+the default with each of its other levers undone: checkpointing toggled, bf16_once off, sdpa:
 
   1. the update (train_on_batch, learning rate 0 so that every repeat sees the same weights),
      and the no-grad log-prob pass a pi_old or reference model takes (sequence_logprobs);
@@ -22,6 +25,7 @@ over real tokens only) and true (the default):
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -79,20 +83,39 @@ def main():
         attention_mask[:, -num_completion:] = 1  # the head reads the padding too, as before
         return real_head(model, input_ids, attention_mask, num_completion, *a, **k)
 
-    paths = {"before (padded, head over every column)": (False, head_over_every_column),
-             "padded (shared_prompt false)": (False, real_head),
-             "shared (shared_prompt true, default)": (True, real_head)}
+    # path: (shared prompt, head, gradient checkpointing, infra.bf16_once, attention)
+    ckpt, attention = cfg.model.gradient_checkpointing, policy.config._attn_implementation
+    paths = {"before (padded, head over every column)": (False, head_over_every_column, False,
+                                                         False, "sdpa"),
+             "padded (shared_prompt false)": (False, real_head, ckpt, True, attention),
+             "shared (shared_prompt true, default)": (True, real_head, ckpt, True, attention),
+             f"shared, gradient checkpointing {'off' if ckpt else 'on'}": (True, real_head, not ckpt,
+                                                                         True, attention),
+             "shared, weights cast in every pass (no bf16_once)": (True, real_head, ckpt, False,
+                                                                   attention),
+             "shared, sdpa attention": (True, real_head, ckpt, True, "sdpa")}
+    if attention == "sdpa":  # train.bf16 false or a GPU: the default is sdpa already
+        paths.pop("shared, sdpa attention")
     update, nograd, logp = ({p: [] for p in paths} for _ in range(3))
+    bf16_once = infra.bf16_once
     for _ in range(args.repeats):
-        for name, (shared, head) in paths.items():
+        for name, (shared, head, checkpointing, once, attn) in paths.items():
             t.shared_prompt, ampo.completion_logprobs = shared, head
+            infra.bf16_once = bf16_once if once else (lambda cfg: contextlib.nullcontext())
+            policy.set_attn_implementation(attn)
+            if checkpointing:
+                policy.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                policy.gradient_checkpointing_disable()
             update[name].append(common.timed(lambda: ampo.train_on_batch(
                 model, optimizer, scheduler, batch, t, cfg.ampo.shaping_gamma))[0])
             sec, lp = common.timed(lambda: ampo.sequence_logprobs(
                 model, batch, t.micro_batch_size, t.temperature, t.logprob_chunk_size, shared))
             nograd[name].append(sec)
             logp[name] = lp
-    ampo.completion_logprobs = real_head
+    ampo.completion_logprobs, infra.bf16_once = real_head, bf16_once
+    policy.set_attn_implementation(attention)
 
     # Where the rest of the update goes: the optimizer (AdamW over every parameter, the same for
     # both paths), timed alone on zero gradients.
@@ -110,7 +133,7 @@ def main():
     tokens = {False: int(real_p.sum() + real_c.sum()), True: int(real_p[::G].sum() + real_c.sum())}
     base_u, base_n = (common.median(x[next(iter(paths))]) for x in (update, nograd))
     out = []
-    for name, (shared, head) in paths.items():
+    for name, (shared, head, *_) in paths.items():
         u, n = common.median(update[name]), common.median(nograd[name])
         out.append({"path": name, "update_s": u, "update_ratio": u / base_u,
                     "nograd_pass_s": n, "nograd_ratio": n / base_n,

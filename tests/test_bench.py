@@ -85,7 +85,8 @@ def test_off_policy_bench_measures_the_mismatch_and_both_costs(tmp_path):
 def test_shared_prompt_bench_times_every_path_on_one_batch(tmp_path):
     rows = run_bench("shared_prompt", tmp_path)
     result = json.loads((tmp_path / "shared_prompt.json").read_text())
-    before, padded, shared = rows
+    before, padded, shared, checkpointing, cast_per_pass = rows
+    assert checkpointing["tokens_read"] == cast_per_pass["tokens_read"] == shared["tokens_read"]
     assert before["update_ratio"] == before["step_ratio"] == 1.0
     assert padded["tokens_read"] == before["tokens_read"]
     assert padded["head_tokens"] == shared["head_tokens"] <= before["head_tokens"]  # no padding

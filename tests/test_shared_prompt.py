@@ -7,6 +7,8 @@ pi_old is taken behind another prompt), micro-batches that split a group or join
 pi_old and reference passes, gradient checkpointing. Two ranks (DDP, FSDP2) are in
 tests/test_distributed.py."""
 
+import collections
+import contextlib
 import copy
 
 import pytest
@@ -70,8 +72,11 @@ def tiny(tiny_model_dir):
 @pytest.mark.parametrize("rows", [slice(0, 12), slice(0, 4), slice(2, 7), slice(3, 9)],
                          ids=["three groups", "one group", "split groups", "two halves"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_logprobs_entropy_and_gradients_equal_the_padded_batch(tiny, rows, checkpointing):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager: train.bf16 on a CPU (infra)
+def test_logprobs_entropy_and_gradients_equal_the_padded_batch(tiny, rows, checkpointing,
+                                                               attention):
     model, tok = tiny
+    model.set_attn_implementation(attention)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -91,6 +96,48 @@ def test_gradient_checkpointing_changes_no_number(tiny):
     kept = logprobs_and_grads(model, batch, slice(0, 12), shared=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert_same(kept, logprobs_and_grads(model, batch, slice(0, 12), shared=True))
+
+
+
+def test_bf16_once_casts_each_weight_once_per_micro_batch(tiny):
+    # Under train.bf16 autocast casts the float32 weights in every forward it wraps: the prompts'
+    # pass, the answers' pass and each recompute. Inside infra.bf16_once it casts each once.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model, tok = tiny
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = train_cfg(bf16=True)
+    model = infra.wrap_model(model.train(), cfg)  # forward under autocast
+    params = {p.data_ptr(): n for n, p in model.named_parameters()}
+    batch = ampo.build_batch(tok, rollout(tok, PROMPTS), cfg)
+
+    class CountCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if (func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
+                    and args[0].data_ptr() in params):
+                self.casts[params[args[0].data_ptr()]] += 1
+            return func(*args, **kwargs)
+
+    runs = []
+    for context in (contextlib.nullcontext(), infra.bf16_once(cfg)):
+        counter = CountCasts()
+        counter.casts = collections.Counter()
+        with counter, context:
+            runs.append((logprobs_and_grads(model, batch, slice(0, 12), shared=True),
+                         counter.casts))
+    (each_pass, casts_each), (once, casts_once) = runs
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert casts_each[q] == 4  # prompts, answers, and both again in the recompute
+    layers = [n for n in casts_each if n.startswith("model.layers.")]
+    assert len(layers) == 20 and {casts_once[n] for n in layers} == {1}
+    # The head: the model's own (on no rows) and completion_logprobs's cast, out of the recompute
+    assert casts_each["lm_head.weight"] == 3 and casts_once["lm_head.weight"] == 2
+    # The same bfloat16 weights: the same values; the gradients to bfloat16's rounding (the
+    # passes' gradients to a weight now add up in bfloat16 before its float32 .grad).
+    torch.testing.assert_close(once[0], each_pass[0], atol=0, rtol=0)
+    for name, g in each_pass[2].items():
+        torch.testing.assert_close(once[2][name], g, atol=1e-3, rtol=2e-2, msg=name)
 
 
 def update(model, batch, cfg, ref=None):
