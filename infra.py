@@ -914,9 +914,9 @@ def wrap_model(model, cfg):
         if device == "cpu":
             # PyTorch's CPU scaled_dot_product_attention is slow in bfloat16 at these short
             # sequences (its backward most: ~9 ms a layer at 8 x 45 answers behind a 121-token
-            # prompt), so on a CPU the policy takes the plain matmul-softmax-matmul, as
-            # sampler.py's copy does: 0.84x the update's time (BENCHMARKS.md section 8). It
-            # holds each layer's [b, heads, L, L] probabilities for the backward: with
+            # prompt), so on a CPU the policy takes the plain matmul-softmax-matmul, as sampler.py's
+            # copy does: the update takes 0.86-0.93x its time with sdpa (BENCHMARKS.md section 8).
+            # It holds each layer's [b, heads, L, L] probabilities for the backward: with
             # model.gradient_checkpointing one layer's at a time.
             model.set_attn_implementation("eager")
     if world == 1:
