@@ -911,13 +911,14 @@ def wrap_model(model, cfg):
         # to 12.6 s a step (BENCHMARKS.md).
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model.forward = torch.autocast(device, dtype=torch.bfloat16)(model.forward)
-        if device == "cpu":
+        if device == "cpu" and model.is_gradient_checkpointing:
             # PyTorch's CPU scaled_dot_product_attention is slow in bfloat16 at these short
             # sequences (its backward most: ~9 ms a layer at 8 x 45 answers behind a 121-token
             # prompt), so on a CPU the policy takes the plain matmul-softmax-matmul, as sampler.py's
             # copy does: the update takes 0.86-0.93x its time with sdpa (BENCHMARKS.md section 8).
-            # It holds each layer's [b, heads, L, L] probabilities for the backward: with
-            # model.gradient_checkpointing one layer's at a time.
+            # Eager attention keeps each layer's [b, heads, L, L] probabilities for the backward,
+            # so only with model.gradient_checkpointing (one layer's at a time): without it, 8
+            # answers of 512 tokens would hold 4.7 GiB more than sdpa's pass (bench/memory.py).
             model.set_attn_implementation("eager")
     if world == 1:
         return model

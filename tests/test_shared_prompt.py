@@ -140,6 +140,18 @@ def test_bf16_once_casts_each_weight_once_per_micro_batch(tiny):
         torch.testing.assert_close(once[2][name], g, atol=1e-3, rtol=2e-2, msg=name)
 
 
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_bf16_on_a_cpu_takes_eager_attention_only_with_checkpointing(tiny_model_dir,
+                                                                     checkpointing):
+    # eager: faster than the CPU's bf16 sdpa, but it keeps [b, heads, L, L] per layer
+    model, _ = infra.load_model(ampo.ModelConfig(name_or_path=tiny_model_dir,
+                                                 gradient_checkpointing=checkpointing))
+    assert model.config._attn_implementation == "sdpa"
+    infra.wrap_model(model, train_cfg(bf16=True))
+    assert model.config._attn_implementation == ("eager" if checkpointing else "sdpa")
+
+
 def update(model, batch, cfg, ref=None):
     """One train_on_batch (SGD at lr 0 keeps the weights): its gradients and metrics."""
     model = copy.deepcopy(model)
