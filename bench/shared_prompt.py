@@ -11,8 +11,9 @@ columns' attention mask set to 1, which changes no real token's log-prob under t
 mask; no gradient checkpointing; the weights cast to bfloat16 in every pass, not once per
 micro-batch: infra.bf16_once; PyTorch's sdpa attention), train.shared_prompt false (the padded
 batch; the head over real tokens only) and true (the default), both as configured (config.yaml's
-model.gradient_checkpointing; eager attention under train.bf16 on a CPU: infra.wrap_model), and
-the default with each of its other levers undone: checkpointing toggled, bf16_once off, sdpa:
+model.gradient_checkpointing; eager attention under train.bf16 with it on a CPU: infra.wrap_model),
+and the default with each other lever undone: checkpointing toggled (attention kept as it is),
+bf16_once off, sdpa:
 
   1. the update (train_on_batch, learning rate 0 so that every repeat sees the same weights),
      and the no-grad log-prob pass a pi_old or reference model takes (sequence_logprobs);
