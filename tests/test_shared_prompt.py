@@ -72,7 +72,7 @@ def tiny(tiny_model_dir):
 @pytest.mark.parametrize("rows", [slice(0, 12), slice(0, 4), slice(2, 7), slice(3, 9)],
                          ids=["three groups", "one group", "split groups", "two halves"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager: train.bf16 on a CPU (infra)
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager: bf16 + checkpointing on a CPU
 def test_logprobs_entropy_and_gradients_equal_the_padded_batch(tiny, rows, checkpointing,
                                                                attention):
     model, tok = tiny
@@ -96,7 +96,6 @@ def test_gradient_checkpointing_changes_no_number(tiny):
     kept = logprobs_and_grads(model, batch, slice(0, 12), shared=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert_same(kept, logprobs_and_grads(model, batch, slice(0, 12), shared=True))
-
 
 
 def test_bf16_once_casts_each_weight_once_per_micro_batch(tiny):
@@ -140,7 +139,7 @@ def test_bf16_once_casts_each_weight_once_per_micro_batch(tiny):
         torch.testing.assert_close(once[2][name], g, atol=1e-3, rtol=2e-2, msg=name)
 
 
-
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the rule is for a CPU")
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_bf16_on_a_cpu_takes_eager_attention_only_with_checkpointing(tiny_model_dir,
                                                                      checkpointing):
